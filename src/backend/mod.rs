@@ -1,0 +1,11 @@
+//! Backends: what the config says about one ([`crate::config::BackendSpec`]), what is live about one
+//! ([`BackendState`]: in-flight counts, drain state, pooled connections), and the [`Registry`] that
+//! keeps live state by address so that it survives reloads.
+
+mod pool;
+mod registry;
+mod state;
+
+pub use pool::{ConnPool, PooledConn, SendError, UpstreamBody};
+pub use registry::Registry;
+pub use state::{BackendState, BackendStatus, InFlightGuard, UpgradeGuard};

@@ -1,0 +1,186 @@
+//! Live state of one backend address, shared by every pool and every snapshot that names it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
+
+use super::pool::ConnPool;
+
+/// Where a backend is in its life: Active → Draining → Retired (sozu's `BackendStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendStatus {
+    /// Takes new requests.
+    Active,
+    /// Takes no new requests (sticky clients aside, see `drain_sticky`); in-flight work finishes.
+    Draining,
+    /// Drained: nothing in flight, released from the registry.
+    Retired,
+}
+
+impl BackendStatus {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => BackendStatus::Active,
+            1 => BackendStatus::Draining,
+            _ => BackendStatus::Retired,
+        }
+    }
+}
+
+/// Live state of a backend. One per address, held by the [`super::Registry`] and by every snapshot
+/// member with that address, so counts and connections carry over when the config is reloaded.
+#[derive(Debug)]
+pub struct BackendState {
+    address: SocketAddr,
+    status: AtomicU8,
+    in_flight: AtomicU64,
+    upgraded: AtomicU64,
+    requests: AtomicU64,
+    /// Woken whenever in-flight or upgraded counts drop, so a drain can notice zero.
+    quiet: Notify,
+    /// Flipped to true to cut upgraded connections at a drain deadline.
+    cut: watch::Sender<bool>,
+    /// Idle keep-alive connections to this backend.
+    pub pool: ConnPool,
+}
+
+impl BackendState {
+    /// A new, active backend with nothing in flight.
+    pub fn new(address: SocketAddr) -> Arc<Self> {
+        Arc::new(BackendState {
+            address,
+            status: AtomicU8::new(BackendStatus::Active as u8),
+            in_flight: AtomicU64::new(0),
+            upgraded: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            quiet: Notify::new(),
+            cut: watch::channel(false).0,
+            pool: ConnPool::new(address),
+        })
+    }
+
+    /// The backend's address: its identity.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The current life-cycle state.
+    pub fn status(&self) -> BackendStatus {
+        BackendStatus::from_u8(self.status.load(Ordering::Acquire))
+    }
+
+    /// Whether new work may be sent here.
+    pub fn is_ready(&self) -> bool {
+        self.status.load(Ordering::Relaxed) == BackendStatus::Active as u8
+    }
+
+    /// Whether the backend is draining.
+    pub fn is_draining(&self) -> bool {
+        self.status.load(Ordering::Relaxed) == BackendStatus::Draining as u8
+    }
+
+    pub(crate) fn set_status(&self, status: BackendStatus) {
+        self.status.store(status as u8, Ordering::Release);
+        if status == BackendStatus::Active {
+            self.cut.send_replace(false);
+        }
+    }
+
+    /// Requests in flight (headers sent, response body not yet finished).
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Upgraded connections (WebSocket and others) open through this backend.
+    pub fn upgraded(&self) -> u64 {
+        self.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent here since the process started.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request until the returned guard is dropped (when the response body ends).
+    pub fn start_request(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard {
+            state: Arc::clone(self),
+        }
+    }
+
+    /// Counts an upgraded connection until the returned guard is dropped.
+    pub fn start_upgrade(self: &Arc<Self>) -> UpgradeGuard {
+        self.upgraded.fetch_add(1, Ordering::Relaxed);
+        UpgradeGuard {
+            state: Arc::clone(self),
+        }
+    }
+
+    /// Resolves once nothing is in flight and no upgraded connection is open.
+    pub async fn wait_quiet(&self) {
+        loop {
+            let notified = self.quiet.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a drop between the check and the await is not missed.
+            notified.as_mut().enable();
+            if self.in_flight() == 0 && self.upgraded() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A receiver that turns true when upgraded connections must be cut.
+    pub fn cut_signal(&self) -> watch::Receiver<bool> {
+        self.cut.subscribe()
+    }
+
+    /// Tells every upgraded connection through this backend to close.
+    pub fn cut_upgraded(&self) {
+        self.cut.send_replace(true);
+    }
+
+    fn released(&self) {
+        if self.is_draining() {
+            self.quiet.notify_waiters();
+        }
+    }
+}
+
+/// Holds one in-flight request against a backend; released when dropped.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    state: Arc<BackendState>,
+}
+
+impl InFlightGuard {
+    /// The backend this request went to.
+    pub fn backend(&self) -> &Arc<BackendState> {
+        &self.state
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.state.released();
+    }
+}
+
+/// Holds one upgraded connection against a backend; released when dropped.
+#[derive(Debug)]
+pub struct UpgradeGuard {
+    state: Arc<BackendState>,
+}
+
+impl Drop for UpgradeGuard {
+    fn drop(&mut self) {
+        self.state.upgraded.fetch_sub(1, Ordering::Relaxed);
+        self.state.released();
+    }
+}

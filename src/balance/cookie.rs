@@ -1,0 +1,376 @@
+//! Cookie affinity with no table in the proxy. The cookie carries a signed token:
+//!
+//! ```text
+//! base64url( version:1 | backend_id:8 | issued_at:8 (unix seconds, big endian) | HMAC-SHA256:32 )
+//! ```
+//!
+//! `backend_id` is the first 8 bytes of HMAC-SHA256(secret, "backend:" + address): it does not
+//! reveal the address, does not depend on the backend's position or weight, and any instance with
+//! the same secret derives the same id. The MAC covers the first 17 bytes. Every secret verifies;
+//! the first signs, and a cookie verified under an older secret is re-signed with the first.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use cookie::{Cookie, SameSite};
+use hmac::{Hmac, Mac};
+use http::header::COOKIE;
+use http::{HeaderMap, HeaderValue};
+use sha2::Sha256;
+
+use super::{Affinity, Candidates, Choice, Member, RequestFacts, Strategy};
+use crate::config::CookieConfig;
+
+/// The token format's version byte.
+pub const TOKEN_COOKIE_VERSION: u8 = 1;
+const BODY_LEN: usize = 1 + 8 + 8;
+const TOKEN_LEN: usize = BODY_LEN + 32;
+/// A token issued this far in the future (clock skew between instances) is still accepted.
+const MAX_CLOCK_SKEW: u64 = 300;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// One secret, keyed once, with the ids it gives every member.
+#[derive(Debug)]
+struct Key {
+    mac: HmacSha256,
+    ids: HashMap<u64, usize>,
+    member_ids: Vec<u64>,
+}
+
+/// Sticky sessions through a signed cookie; clients without a valid one are placed by `fallback`.
+#[derive(Debug)]
+pub struct CookieAffinity {
+    name: String,
+    keys: Vec<Key>,
+    fallback: Box<dyn Strategy>,
+    max_age: Option<Duration>,
+    secure: bool,
+    keep_draining: bool,
+}
+
+/// A verified token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Token {
+    key: usize,
+    id: u64,
+    issued: u64,
+}
+
+impl CookieAffinity {
+    /// Builds the id tables for every one of `members` (draining ones included) under every secret.
+    /// `fallback` places new clients; with `keep_draining`, holders of a draining backend's cookie
+    /// stay there until its drain ends.
+    pub fn new(
+        config: &CookieConfig,
+        members: &[Member],
+        fallback: Box<dyn Strategy>,
+        keep_draining: bool,
+    ) -> Self {
+        let keys = config
+            .secrets
+            .iter()
+            .map(|secret| {
+                let mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+                let member_ids: Vec<u64> = members
+                    .iter()
+                    .map(|m| backend_id(&mac, &m.spec.address.to_string()))
+                    .collect();
+                let ids = member_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &id)| (id, i))
+                    .collect();
+                Key {
+                    mac,
+                    ids,
+                    member_ids,
+                }
+            })
+            .collect();
+        CookieAffinity {
+            name: config.name.clone(),
+            keys,
+            fallback,
+            max_age: config.max_age,
+            secure: config.secure,
+            keep_draining,
+        }
+    }
+
+    /// A signed token naming member `index`, issued at `issued` (unix seconds).
+    pub fn token_for(&self, index: usize, issued: u64) -> String {
+        let key = &self.keys[0];
+        let mut raw = [0u8; TOKEN_LEN];
+        raw[0] = TOKEN_COOKIE_VERSION;
+        raw[1..9].copy_from_slice(&key.member_ids[index].to_be_bytes());
+        raw[9..17].copy_from_slice(&issued.to_be_bytes());
+        let mut mac = key.mac.clone();
+        mac.update(&raw[..BODY_LEN]);
+        raw[BODY_LEN..].copy_from_slice(&mac.finalize().into_bytes());
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The `Set-Cookie` value pinning the client to member `index`.
+    pub fn set_cookie(&self, index: usize, now: u64) -> HeaderValue {
+        let mut cookie = Cookie::build((self.name.as_str(), self.token_for(index, now)))
+            .path("/")
+            .http_only(true)
+            .same_site(SameSite::Lax)
+            .secure(self.secure);
+        if let Some(max_age) = self.max_age {
+            cookie = cookie.max_age(cookie::time::Duration::seconds(max_age.as_secs() as i64));
+        }
+        HeaderValue::from_str(&cookie.build().to_string())
+            .expect("cookie name is validated and the token is base64url")
+    }
+
+    fn verify(&self, value: &str, now: u64) -> Option<Token> {
+        if value.len() > 2 * TOKEN_LEN {
+            return None;
+        }
+        let raw = URL_SAFE_NO_PAD.decode(value).ok()?;
+        if raw.len() != TOKEN_LEN || raw[0] != TOKEN_COOKIE_VERSION {
+            return None;
+        }
+        let key = self.keys.iter().position(|k| {
+            let mut mac = k.mac.clone();
+            mac.update(&raw[..BODY_LEN]);
+            mac.verify_slice(&raw[BODY_LEN..]).is_ok()
+        })?;
+        let id = u64::from_be_bytes(raw[1..9].try_into().ok()?);
+        let issued = u64::from_be_bytes(raw[9..17].try_into().ok()?);
+        if issued > now + MAX_CLOCK_SKEW {
+            return None;
+        }
+        if let Some(max_age) = self.max_age {
+            if now.saturating_sub(issued) > max_age.as_secs() {
+                return None;
+            }
+        }
+        Some(Token { key, id, issued })
+    }
+
+    /// Finds this pool's cookie among the request's cookies: the first one that verifies, or
+    /// `Err(())` when cookies of that name exist but none verifies.
+    fn read(&self, headers: &HeaderMap, now: u64) -> Result<Option<Token>, ()> {
+        let mut seen = false;
+        for header in headers.get_all(COOKIE) {
+            let Ok(header) = header.to_str() else {
+                continue;
+            };
+            for cookie in Cookie::split_parse(header).flatten() {
+                if cookie.name() == self.name {
+                    seen = true;
+                    if let Some(token) = self.verify(cookie.value(), now) {
+                        return Ok(Some(token));
+                    }
+                }
+            }
+        }
+        if seen {
+            Err(())
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn place(
+        &self,
+        request: &RequestFacts<'_>,
+        candidates: &Candidates<'_>,
+        affinity: Affinity,
+        now: u64,
+    ) -> Option<Choice> {
+        let choice = self.fallback.choose(request, candidates)?;
+        Some(Choice {
+            index: choice.index,
+            set_cookie: Some(self.set_cookie(choice.index, now)),
+            affinity,
+        })
+    }
+}
+
+fn backend_id(mac: &HmacSha256, address: &str) -> u64 {
+    let mut mac = mac.clone();
+    mac.update(b"backend:");
+    mac.update(address.as_bytes());
+    let out = mac.finalize().into_bytes();
+    u64::from_be_bytes(out[..8].try_into().expect("32-byte MAC"))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Strategy for CookieAffinity {
+    fn choose(&self, request: &RequestFacts<'_>, candidates: &Candidates<'_>) -> Option<Choice> {
+        let now = unix_now();
+        let token = match self.read(request.headers, now) {
+            Ok(None) => return self.place(request, candidates, Affinity::New, now),
+            Err(()) => return self.place(request, candidates, Affinity::Invalid, now),
+            Ok(Some(token)) => token,
+        };
+        let Some(&index) = self.keys[token.key].ids.get(&token.id) else {
+            // Signed by us, but for a backend no longer in the pool.
+            return self.place(request, candidates, Affinity::Reassigned, now);
+        };
+        let usable =
+            candidates.is_ready(index) || (self.keep_draining && candidates.is_draining(index));
+        if !usable {
+            return self.place(request, candidates, Affinity::Reassigned, now);
+        }
+        // Re-sign cookies from an old secret, and slide expiry for active clients at half-life, so
+        // that neither a key rotation nor max_age cuts off a user who keeps coming back.
+        let stale = self
+            .max_age
+            .is_some_and(|age| now.saturating_sub(token.issued) > age.as_secs() / 2);
+        let set_cookie = (token.key != 0 || stale).then(|| self.set_cookie(index, now));
+        Some(Choice {
+            index,
+            set_cookie,
+            affinity: Affinity::Hit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::testing::{facts, members};
+    use crate::balance::RoundRobin;
+    use crate::config::StrategyKind;
+
+    fn config(secrets: &[&str]) -> CookieConfig {
+        CookieConfig {
+            name: "sy".into(),
+            secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            fallback: StrategyKind::RoundRobin,
+            max_age: None,
+            secure: false,
+        }
+    }
+
+    fn affinity(cfg: &CookieConfig, members: &[Member]) -> CookieAffinity {
+        let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
+        let fallback = Box::new(RoundRobin::new(&specs));
+        CookieAffinity::new(cfg, members, fallback, true)
+    }
+
+    fn with_cookie(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            COOKIE,
+            HeaderValue::from_str(&format!("other=1; sy={value}")).unwrap(),
+        );
+        h
+    }
+
+    fn token_of(set_cookie: &HeaderValue) -> String {
+        let c = Cookie::parse(set_cookie.to_str().unwrap().to_owned()).unwrap();
+        c.value().to_owned()
+    }
+
+    #[test]
+    fn new_client_gets_cookie_and_sticks() {
+        let members = members(&[1, 1, 1]);
+        let a = affinity(&config(&["0123456789abcdef"]), &members);
+        let c = Candidates::new(&members, 3, &[]);
+        let first = a.choose(&facts(&HeaderMap::new()), &c).unwrap();
+        assert_eq!(first.affinity, Affinity::New);
+        let sc = first.set_cookie.unwrap();
+        let s = sc.to_str().unwrap();
+        assert!(s.contains("HttpOnly") && s.contains("Path=/") && s.contains("SameSite=Lax"));
+        let headers = with_cookie(&token_of(&sc));
+        for _ in 0..20 {
+            let again = a.choose(&facts(&headers), &c).unwrap();
+            assert_eq!((again.index, again.affinity), (first.index, Affinity::Hit));
+            assert!(again.set_cookie.is_none());
+        }
+    }
+
+    #[test]
+    fn tampered_cookie_is_invalid_and_replaced() {
+        let members = members(&[1, 1]);
+        let a = affinity(&config(&["0123456789abcdef"]), &members);
+        let c = Candidates::new(&members, 2, &[]);
+        let mut token = a.token_for(1, unix_now()).into_bytes();
+        token[5] = if token[5] == b'A' { b'B' } else { b'A' };
+        let headers = with_cookie(std::str::from_utf8(&token).unwrap());
+        let choice = a.choose(&facts(&headers), &c).unwrap();
+        assert_eq!(choice.affinity, Affinity::Invalid);
+        assert!(choice.set_cookie.is_some());
+    }
+
+    #[test]
+    fn token_does_not_depend_on_position_and_hides_address() {
+        let m = members(&[1, 1, 1]);
+        let reversed: Vec<Member> = m.iter().rev().cloned().collect();
+        let cfg = config(&["0123456789abcdef"]);
+        let a = affinity(&cfg, &m);
+        let b = affinity(&cfg, &reversed);
+        let token = a.token_for(0, unix_now());
+        let choice = b
+            .choose(
+                &facts(&with_cookie(&token)),
+                &Candidates::new(&reversed, 3, &[]),
+            )
+            .unwrap();
+        assert_eq!(reversed[choice.index].spec.address, m[0].spec.address);
+        let raw = URL_SAFE_NO_PAD.decode(&token).unwrap();
+        let addr = m[0].spec.address.to_string();
+        assert!(!raw
+            .windows(4)
+            .any(|w| addr.as_bytes().windows(4).any(|x| x == w)));
+    }
+
+    #[test]
+    fn rotation_old_secret_verifies_and_is_resigned() {
+        let members = members(&[1, 1, 1]);
+        let old = affinity(&config(&["old-secret-0123456789"]), &members);
+        let rotated = affinity(
+            &config(&["new-secret-0123456789", "old-secret-0123456789"]),
+            &members,
+        );
+        let c = Candidates::new(&members, 3, &[]);
+        let token = old.token_for(2, unix_now());
+        let choice = rotated.choose(&facts(&with_cookie(&token)), &c).unwrap();
+        assert_eq!((choice.index, choice.affinity), (2, Affinity::Hit));
+        let fresh = token_of(&choice.set_cookie.expect("re-signed under the new secret"));
+        let again = rotated.choose(&facts(&with_cookie(&fresh)), &c).unwrap();
+        assert_eq!((again.index, again.affinity), (2, Affinity::Hit));
+        assert!(again.set_cookie.is_none());
+    }
+
+    #[test]
+    fn expired_token_is_invalid() {
+        let members = members(&[1, 1]);
+        let mut cfg = config(&["0123456789abcdef"]);
+        cfg.max_age = Some(Duration::from_secs(60));
+        let a = affinity(&cfg, &members);
+        let c = Candidates::new(&members, 2, &[]);
+        let token = a.token_for(0, unix_now() - 120);
+        let choice = a.choose(&facts(&with_cookie(&token)), &c).unwrap();
+        assert_eq!(choice.affinity, Affinity::Invalid);
+        let fresh = a.token_for(0, unix_now() - 10);
+        let hit = a.choose(&facts(&with_cookie(&fresh)), &c).unwrap();
+        assert_eq!((hit.index, hit.affinity), (0, Affinity::Hit));
+    }
+
+    #[test]
+    fn unavailable_pinned_backend_is_reassigned() {
+        let members = members(&[1, 1, 1]);
+        let a = affinity(&config(&["0123456789abcdef"]), &members);
+        let token = a.token_for(1, unix_now());
+        let c = Candidates::new(&members, 3, &[1]);
+        let choice = a.choose(&facts(&with_cookie(&token)), &c).unwrap();
+        assert_eq!(choice.affinity, Affinity::Reassigned);
+        assert_ne!(choice.index, 1);
+        assert!(choice.set_cookie.is_some());
+    }
+}

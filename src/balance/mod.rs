@@ -1,0 +1,216 @@
+//! Load-balancing strategies behind one small trait. Selection state (sequences, lookup tables,
+//! keys) is built once per snapshot; [`Strategy::choose`] reads only atomics and that state.
+//!
+//! A pool's members are laid out as the active backends, in config order, followed by backends that
+//! are draining but still reachable by sticky clients. Strategies place new work on the active
+//! prefix only; the caller's [`Candidates`] says which members may take work right now.
+
+mod cookie;
+mod ip_hash;
+mod least_connections;
+mod round_robin;
+
+use std::fmt::Debug;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue};
+
+pub use cookie::{CookieAffinity, TOKEN_COOKIE_VERSION};
+pub use ip_hash::IpHash;
+pub use least_connections::LeastConnections;
+pub use round_robin::RoundRobin;
+
+use crate::backend::BackendState;
+use crate::config::{BackendSpec, DrainSticky, PoolConfig, StrategyKind};
+
+/// The fixed seed of every hash that places clients or backends: every instance and every reload
+/// must agree, so it is never random and never changes.
+pub const HASH_SEED: u64 = 0x5357_4954_4348_5944; // "SWITCHYD"
+
+/// One backend as a pool sees it: what the config says, and the shared live state.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Address and weight from the config.
+    pub spec: BackendSpec,
+    /// Live state, shared with every other pool and snapshot naming the same address.
+    pub state: Arc<BackendState>,
+}
+
+/// What a strategy may look at in a request.
+#[derive(Debug)]
+pub struct RequestFacts<'a> {
+    /// The client's IP: the peer, or the right-most untrusted `X-Forwarded-For` entry when the peer
+    /// is one of the pool's `trusted_proxies`.
+    pub client_ip: IpAddr,
+    /// The request's headers (for cookies).
+    pub headers: &'a HeaderMap,
+}
+
+/// The pool's members and which of them may take this request.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidates<'a> {
+    members: &'a [Member],
+    active: usize,
+    tried: &'a [usize],
+}
+
+impl<'a> Candidates<'a> {
+    /// `members[..active]` are the active backends; `tried` were already tried for this request.
+    pub fn new(members: &'a [Member], active: usize, tried: &'a [usize]) -> Self {
+        debug_assert!(active <= members.len());
+        Candidates {
+            members,
+            active,
+            tried,
+        }
+    }
+
+    /// Number of active members (the ones new work is placed on).
+    pub fn active(&self) -> usize {
+        self.active
+    }
+
+    /// All members, draining ones included.
+    pub fn members(&self) -> &'a [Member] {
+        self.members
+    }
+
+    /// Whether member `i` may take new work: active, healthy and not yet tried.
+    #[inline]
+    pub fn is_ready(&self, i: usize) -> bool {
+        self.members[i].state.is_ready() && !self.tried.contains(&i)
+    }
+
+    /// Whether member `i` is draining and not yet tried: sticky clients may still be sent there.
+    #[inline]
+    pub fn is_draining(&self, i: usize) -> bool {
+        self.members[i].state.is_draining() && !self.tried.contains(&i)
+    }
+}
+
+/// How a request's affinity cookie was used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// The strategy is not cookie-based.
+    None,
+    /// A valid cookie named an available backend.
+    Hit,
+    /// No cookie: the client was placed and gets one.
+    New,
+    /// A valid cookie named a backend that is gone or unavailable: re-placed, new cookie.
+    Reassigned,
+    /// A cookie was present but tampered, expired or unreadable: placed as new, new cookie.
+    Invalid,
+}
+
+impl Affinity {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Affinity::None => "none",
+            Affinity::Hit => "hit",
+            Affinity::New => "new",
+            Affinity::Reassigned => "reassigned",
+            Affinity::Invalid => "invalid",
+        }
+    }
+}
+
+/// A strategy's decision.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    /// Index into the pool's members.
+    pub index: usize,
+    /// A `Set-Cookie` value to add to the response.
+    pub set_cookie: Option<HeaderValue>,
+    /// What happened to the affinity cookie.
+    pub affinity: Affinity,
+}
+
+impl Choice {
+    /// A plain choice with no cookie.
+    pub fn plain(index: usize) -> Self {
+        Choice {
+            index,
+            set_cookie: None,
+            affinity: Affinity::None,
+        }
+    }
+}
+
+/// Picks a backend for a request.
+pub trait Strategy: Send + Sync + Debug {
+    /// Pick one of the ready candidates, or `None` when none is ready.
+    fn choose(&self, request: &RequestFacts<'_>, candidates: &Candidates<'_>) -> Option<Choice>;
+}
+
+/// Builds the strategy a pool's config names, over `members[..active]`.
+///
+/// Cookie pools need their `cookie` table with at least one secret; validation guarantees that.
+pub fn build(pool: &PoolConfig, members: &[Member], active: usize) -> Box<dyn Strategy> {
+    let actives = &members[..active];
+    match pool.strategy {
+        StrategyKind::Cookie => {
+            let cookie = pool
+                .cookie
+                .as_ref()
+                .expect("validated: cookie strategy has a cookie table");
+            let fallback = build_simple(cookie.fallback, actives);
+            Box::new(CookieAffinity::new(
+                cookie,
+                members,
+                fallback,
+                pool.drain_sticky == DrainSticky::Keep,
+            ))
+        }
+        kind => build_simple(kind, actives),
+    }
+}
+
+fn build_simple(kind: StrategyKind, actives: &[Member]) -> Box<dyn Strategy> {
+    let specs: Vec<&BackendSpec> = actives.iter().map(|m| &m.spec).collect();
+    match kind {
+        StrategyKind::RoundRobin => Box::new(RoundRobin::new(&specs)),
+        StrategyKind::LeastConnections => Box::new(LeastConnections::new(&specs)),
+        StrategyKind::IpHash => Box::new(IpHash::new(&specs)),
+        StrategyKind::Cookie => unreachable!("validated: a cookie fallback is never cookie"),
+    }
+}
+
+/// Greatest common divisor, to keep weighted schedules short.
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Members with fresh live state, for unit tests of the strategies.
+    use super::*;
+
+    pub fn members(weights: &[u32]) -> Vec<Member> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let address = format!("10.0.{}.{}:8080", i / 250, i % 250 + 1)
+                    .parse()
+                    .unwrap();
+                Member {
+                    spec: BackendSpec { address, weight: w },
+                    state: BackendState::new(address),
+                }
+            })
+            .collect()
+    }
+
+    pub fn facts(headers: &HeaderMap) -> RequestFacts<'_> {
+        RequestFacts {
+            client_ip: "192.0.2.1".parse().unwrap(),
+            headers,
+        }
+    }
+}

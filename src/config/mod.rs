@@ -1,0 +1,188 @@
+//! Configuration: `proxy.toml` is read in two stages. [`raw`] holds strict serde structs that mirror
+//! the file (unknown keys are errors); [`validate`] checks them all at once and produces the [`Config`]
+//! below, in which every value is already parsed (addresses, durations, CIDRs, secrets) and every
+//! cross-reference (route → pool) is known to resolve.
+
+pub mod raw;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use validate::{ConfigError, ConfigErrors};
+
+/// A validated configuration: everything a snapshot is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from, for messages.
+    pub path: PathBuf,
+    /// The admin listener, when `[admin]` is present.
+    pub admin: Option<AdminConfig>,
+    /// Client-facing listeners, in file order; addresses are unique.
+    pub listeners: Vec<ListenerConfig>,
+    /// Routes in file order; the first match wins.
+    pub routes: Vec<RouteConfig>,
+    /// Pools by name.
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// Timeouts shared by every listener and pool.
+    pub timeouts: Timeouts,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// `admin.listen`.
+    pub listen: SocketAddr,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    /// `listeners[i].listen`.
+    pub listen: SocketAddr,
+}
+
+/// One `[[routes]]` entry. Both matchers are optional; a route with neither matches everything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Exact host, lower-cased, without a port.
+    pub host: Option<String>,
+    /// Plain string prefix of the request path.
+    pub path_prefix: Option<String>,
+    /// Name of a pool that exists in [`Config::pools`].
+    pub pool: String,
+}
+
+/// How a pool picks a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StrategyKind {
+    /// `round_robin`: smooth weighted round robin.
+    RoundRobin,
+    /// `least_connections`: fewest in-flight requests relative to weight.
+    LeastConnections,
+    /// `ip_hash`: consistent hashing (Maglev) of the client IP.
+    IpHash,
+    /// `cookie`: signed affinity cookie.
+    Cookie,
+}
+
+impl StrategyKind {
+    /// The name used in `proxy.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyKind::RoundRobin => "round_robin",
+            StrategyKind::LeastConnections => "least_connections",
+            StrategyKind::IpHash => "ip_hash",
+            StrategyKind::Cookie => "cookie",
+        }
+    }
+
+    /// Parses a `proxy.toml` strategy name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "round_robin" => StrategyKind::RoundRobin,
+            "least_connections" => StrategyKind::LeastConnections,
+            "ip_hash" => StrategyKind::IpHash,
+            "cookie" => StrategyKind::Cookie,
+            _ => return None,
+        })
+    }
+}
+
+/// What happens to clients pinned (by cookie) to a draining backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DrainSticky {
+    /// Keep sending them to the draining backend until the drain ends (HAProxy's drain).
+    #[default]
+    Keep,
+    /// Re-place them at once, with a new cookie.
+    Move,
+}
+
+/// One `[pools.NAME]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// The pool's name (the table key).
+    pub name: String,
+    /// `strategy`.
+    pub strategy: StrategyKind,
+    /// `backends`, in file order; addresses are unique within the pool.
+    pub backends: Vec<BackendSpec>,
+    /// `[pools.NAME.cookie]`, when present. Required (with a secret) when `strategy = "cookie"`.
+    pub cookie: Option<CookieConfig>,
+    /// `trusted_proxies`: peers whose `X-Forwarded-For` is believed for `ip_hash`.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `drain_timeout` (default 30s): how long a removed backend may take to finish its work.
+    pub drain_timeout: Duration,
+    /// `drain_sticky` (default `keep`).
+    pub drain_sticky: DrainSticky,
+}
+
+/// What the config says about one backend of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// `address`: `IP:port`.
+    pub address: SocketAddr,
+    /// `weight` (default 1, at least 1).
+    pub weight: u32,
+}
+
+/// `[pools.NAME.cookie]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CookieConfig {
+    /// `name` (default `switchyard`).
+    pub name: String,
+    /// `secret` (a string or a list) or the value of `secret_env`: the first signs, every one verifies.
+    /// Empty only when the pool's strategy is not `cookie` and the secret could not be resolved.
+    pub secrets: Vec<Vec<u8>>,
+    /// `fallback` (default `round_robin`): how clients without a valid cookie are placed.
+    /// Never `Cookie`.
+    pub fallback: StrategyKind,
+    /// `max_age`; `None` makes a session cookie with no server-side expiry.
+    pub max_age: Option<Duration>,
+    /// `secure` (default false).
+    pub secure: bool,
+}
+
+/// `[timeouts]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// `connect` (default 2s): TCP connect to a backend.
+    pub connect: Duration,
+    /// `response_header` (default 30s): from the request being sent to the backend's response headers.
+    pub response_header: Duration,
+    /// `client_header` (default 10s): for a client to send a request's headers.
+    pub client_header: Duration,
+    /// `idle` (default 60s): an idle keep-alive connection, client side or pooled upstream, is closed.
+    pub idle: Duration,
+    /// `shutdown` (default 30s): how long SIGINT/SIGTERM waits for in-flight requests.
+    pub shutdown: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(2),
+            response_header: Duration::from_secs(30),
+            client_header: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            shutdown: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        validate::load(path)
+    }
+
+    /// Parses and validates `text` as if it were read from `path` (used for messages only).
+    pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        validate::parse(text, path)
+    }
+}

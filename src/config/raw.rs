@@ -1,0 +1,172 @@
+//! The first stage of reading `proxy.toml`: serde structs that mirror the file key for key.
+//!
+//! Every table denies unknown keys, so a typo is an error instead of a silently ignored setting.
+//! Anything [`validate`](super::validate) may reject is kept as a [`Spanned`] string or number,
+//! so its error can point at a line and column; parsing into addresses, durations and enums is
+//! left to validation, which reports every problem at once instead of stopping at the first.
+//!
+//! Keys the format requires (`listen`, `pool`, `strategy`, `backends`, `address`) are still
+//! `Option` here for the same reason: a missing one becomes one error among all the others.
+//!
+//! Tables themselves are never wrapped in [`Spanned`]: toml gives no span for a table that is only
+//! implied (`[pools.app.cookie]` without `[pools.app]`, or a dotted key such as `cookie.name`), and
+//! a spanned table would then fail to deserialise. Array elements always have a span, so they are
+//! wrapped.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[admin]`.
+    pub admin: Option<RawAdmin>,
+    /// `[[listeners]]`; `None` when absent, so an absent key and an empty list can be told apart.
+    pub listeners: Option<Spanned<Vec<Spanned<RawListener>>>>,
+    /// `[[routes]]`, in file order.
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+    /// `[pools.NAME]`; the key keeps its span because a pool table itself has none.
+    #[serde(default)]
+    pub pools: BTreeMap<Spanned<String>, RawPool>,
+    /// `[timeouts]`.
+    pub timeouts: Option<RawTimeouts>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `listen`: `IP:port`.
+    pub listen: Option<Spanned<String>>,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// `listen`: `IP:port`.
+    pub listen: Option<Spanned<String>>,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// `host`: exact Host header match, without a port.
+    pub host: Option<Spanned<String>>,
+    /// `path_prefix`: must start with `/`.
+    pub path_prefix: Option<Spanned<String>>,
+    /// `pool`: the name of a `[pools.NAME]` table.
+    pub pool: Option<Spanned<String>>,
+}
+
+/// One `[pools.NAME]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    /// `strategy`: `round_robin`, `least_connections`, `ip_hash` or `cookie`.
+    pub strategy: Option<Spanned<String>>,
+    /// `backends`: at least one.
+    pub backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+    /// `trusted_proxies`: CIDRs or bare IPs.
+    pub trusted_proxies: Option<Vec<Spanned<String>>>,
+    /// `drain_timeout`: a humantime duration.
+    pub drain_timeout: Option<Spanned<String>>,
+    /// `drain_sticky`: `keep` or `move`.
+    pub drain_sticky: Option<Spanned<String>>,
+    /// `[pools.NAME.cookie]`.
+    pub cookie: Option<RawCookie>,
+}
+
+/// One entry of a pool's `backends`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    /// `address`: `IP:port`.
+    pub address: Option<Spanned<String>>,
+    /// `weight`: signed, so that a negative weight is reported by validation with the others.
+    pub weight: Option<Spanned<i64>>,
+}
+
+/// `[pools.NAME.cookie]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCookie {
+    /// `name`: the cookie's name.
+    pub name: Option<Spanned<String>>,
+    /// `secret`: one string or a list of strings.
+    pub secret: Option<Spanned<RawSecret>>,
+    /// `secret_env`: the environment variable holding comma-separated secrets.
+    pub secret_env: Option<Spanned<String>>,
+    /// `fallback`: the strategy for clients without a valid cookie.
+    pub fallback: Option<Spanned<String>>,
+    /// `max_age`: a humantime duration.
+    pub max_age: Option<Spanned<String>>,
+    /// `secure`.
+    pub secure: Option<bool>,
+}
+
+/// `secret`: one string, or a list whose first entry signs and whose every entry verifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawSecret {
+    /// `secret = "…"`; its span is the one around the whole [`RawSecret`].
+    One(String),
+    /// `secret = ["…", "…"]`, each with its own span.
+    Many(Vec<Spanned<String>>),
+}
+
+// Hand-written because `#[serde(untagged)]` buffers the value, which loses the spans of the list's
+// entries and replaces toml's type error with "did not match any variant".
+impl<'de> Deserialize<'de> for RawSecret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SecretVisitor;
+
+        impl<'de> Visitor<'de> for SecretVisitor {
+            type Value = RawSecret;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<RawSecret, E> {
+                Ok(RawSecret::One(value.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, value: String) -> Result<RawSecret, E> {
+                Ok(RawSecret::One(value))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawSecret, A::Error> {
+                let mut secrets = Vec::new();
+                while let Some(secret) = seq.next_element::<Spanned<String>>()? {
+                    secrets.push(secret);
+                }
+                Ok(RawSecret::Many(secrets))
+            }
+        }
+
+        deserializer.deserialize_any(SecretVisitor)
+    }
+}
+
+/// `[timeouts]`: each a humantime duration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    /// `connect`.
+    pub connect: Option<Spanned<String>>,
+    /// `response_header`.
+    pub response_header: Option<Spanned<String>>,
+    /// `client_header`.
+    pub client_header: Option<Spanned<String>>,
+    /// `idle`.
+    pub idle: Option<Spanned<String>>,
+    /// `shutdown`.
+    pub shutdown: Option<Spanned<String>>,
+}

@@ -1,0 +1,1794 @@
+//! The second stage of reading `proxy.toml`: checks a [`RawConfig`] as a whole and builds the
+//! [`Config`], or returns every problem found, each with its file, line, column and dotted key.
+//!
+//! Syntax errors, type errors and unknown keys are found by toml while deserialising and stop
+//! there (the document cannot be trusted past them), so they arrive one at a time. Everything
+//! else — addresses, durations, references, limits — is checked here, and all of it is reported
+//! together so that one edit can fix one whole config.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::raw::{
+    RawAdmin, RawBackend, RawConfig, RawCookie, RawListener, RawPool, RawRoute, RawSecret,
+    RawTimeouts,
+};
+use super::{
+    AdminConfig, BackendSpec, Config, CookieConfig, DrainSticky, ListenerConfig, PoolConfig,
+    RouteConfig, StrategyKind, Timeouts,
+};
+
+/// Signing keys shorter than this are guessable; HMAC-SHA256 wants at least this much entropy.
+const MIN_SECRET_BYTES: usize = 16;
+const MAX_WEIGHT: i64 = 1000;
+const DEFAULT_WEIGHT: u32 = 1;
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_COOKIE_NAME: &str = "switchyard";
+const STRATEGIES: &str = "`round_robin`, `least_connections`, `ip_hash`, `cookie`";
+const FALLBACKS: &str = "`round_robin`, `least_connections`, `ip_hash`";
+
+/// One problem in a config file, located by line, column and dotted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, as it was given.
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// 1-based column in characters, when the problem has a place in the file.
+    pub column: Option<usize>,
+    /// Dotted path with indexes, such as `pools.app.backends[1].weight`; empty for the whole file.
+    pub key: String,
+    /// What is wrong, for a person.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    /// `FILE[:LINE:COLUMN]: [KEY: ]MESSAGE`, the shape compilers use, so editors can jump to it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found in one config file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    /// One error per line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads the file at `path`, then [`parse`]s it.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            key: String::new(),
+            message: format!("cannot read the config file: {error}"),
+        }])
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates `text`; `path` is only used in [`Config::path`] and in messages.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    // A value that is not UTF-8 cannot be a secret written in a config; treat it as unset.
+    parse_with_env(text, path, &|name| std::env::var(name).ok())
+}
+
+/// [`parse`] with the environment passed in, so tests need not mutate the process environment.
+fn parse_with_env(
+    text: &str,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig =
+        toml::from_str(text).map_err(|error| ConfigErrors(vec![toml_error(text, path, &error)]))?;
+    let mut checker = Checker {
+        text,
+        file: path,
+        env,
+        errors: Vec::new(),
+    };
+    let config = checker.config(&raw);
+    if checker.errors.is_empty() {
+        Ok(config)
+    } else {
+        // Pools are checked in name order; people read and fix in file order.
+        checker.errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(checker.errors))
+    }
+}
+
+/// Collects errors while building a [`Config`] whose values are only meaningful if none were found.
+struct Checker<'a> {
+    text: &'a str,
+    file: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, key: &str, span: Option<Range<usize>>, message: String) {
+        let (line, column) = span.map(|span| line_col(self.text, span.start)).unzip();
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            key: key.to_owned(),
+            message,
+        });
+    }
+
+    fn config(&mut self, raw: &RawConfig) -> Config {
+        let admin = raw.admin.as_ref().and_then(|admin| self.admin(admin));
+        let listeners = self.listeners(raw.listeners.as_ref(), admin.as_ref());
+        let routes = self.routes(&raw.routes, &raw.pools);
+        let pools = raw
+            .pools
+            .iter()
+            .map(|(name, pool)| (name.get_ref().clone(), self.pool(name, pool)))
+            .collect();
+        let timeouts = self.timeouts(raw.timeouts.as_ref());
+        Config {
+            path: self.file.to_path_buf(),
+            admin,
+            listeners,
+            routes,
+            pools,
+            timeouts,
+        }
+    }
+
+    fn admin(&mut self, raw: &RawAdmin) -> Option<AdminConfig> {
+        let Some(listen) = &raw.listen else {
+            self.report(
+                "admin.listen",
+                None,
+                "[admin] needs `listen`, an IP:port address".to_owned(),
+            );
+            return None;
+        };
+        let listen = self.socket_addr("admin.listen", listen)?;
+        Some(AdminConfig { listen })
+    }
+
+    fn listeners(
+        &mut self,
+        raw: Option<&Spanned<Vec<Spanned<RawListener>>>>,
+        admin: Option<&AdminConfig>,
+    ) -> Vec<ListenerConfig> {
+        let needed = "at least one [[listeners]] entry is required".to_owned();
+        let Some(raw) = raw else {
+            self.report("listeners", None, needed);
+            return Vec::new();
+        };
+        if raw.get_ref().is_empty() {
+            self.report("listeners", Some(raw.span()), needed);
+        }
+        let mut taken: HashMap<SocketAddr, String> = HashMap::new();
+        if let Some(admin) = admin {
+            taken.insert(admin.listen, "admin.listen".to_owned());
+        }
+        let mut listeners = Vec::new();
+        for (i, listener) in raw.get_ref().iter().enumerate() {
+            let key = format!("listeners[{i}].listen");
+            let Some(listen) = &listener.get_ref().listen else {
+                self.report(
+                    &key,
+                    Some(listener.span()),
+                    "`listen` is required".to_owned(),
+                );
+                continue;
+            };
+            let Some(address) = self.socket_addr(&key, listen) else {
+                continue;
+            };
+            // Port 0 asks the OS for a fresh port on every bind, so two of them never clash.
+            if address.port() != 0 {
+                if let Some(first) = taken.get(&address) {
+                    let message = format!("address {address} is already used by {first}");
+                    self.report(&key, Some(listen.span()), message);
+                } else {
+                    taken.insert(address, key);
+                }
+            }
+            listeners.push(ListenerConfig { listen: address });
+        }
+        listeners
+    }
+
+    fn routes(
+        &mut self,
+        raw: &[Spanned<RawRoute>],
+        pools: &BTreeMap<Spanned<String>, RawPool>,
+    ) -> Vec<RouteConfig> {
+        let mut routes = Vec::new();
+        for (i, route) in raw.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let host = route
+                .get_ref()
+                .host
+                .as_ref()
+                .map(|host| self.host(&format!("{key}.host"), host));
+            let path_prefix = route.get_ref().path_prefix.as_ref().map(|prefix| {
+                if !prefix.get_ref().starts_with('/') {
+                    let message = format!("path_prefix `{}` must start with `/`", prefix.get_ref());
+                    self.report(&format!("{key}.path_prefix"), Some(prefix.span()), message);
+                }
+                prefix.get_ref().clone()
+            });
+            let pool = match &route.get_ref().pool {
+                None => {
+                    let message = "`pool` is required: the pool this route sends to".to_owned();
+                    self.report(&format!("{key}.pool"), Some(route.span()), message);
+                    String::new()
+                }
+                Some(pool) => {
+                    // Spanned compares by value alone, so a bare name can be looked up.
+                    if !pools.contains_key(pool) {
+                        let name = pool.get_ref();
+                        let message = format!(
+                            "route sends to pool `{name}`, but there is no [pools.{}]",
+                            key_segment(name)
+                        );
+                        self.report(&format!("{key}.pool"), Some(pool.span()), message);
+                    }
+                    pool.get_ref().clone()
+                }
+            };
+            routes.push(RouteConfig {
+                host,
+                path_prefix,
+                pool,
+            });
+        }
+        routes
+    }
+
+    fn host(&mut self, key: &str, raw: &Spanned<String>) -> String {
+        let host = raw.get_ref();
+        // An IPv6 literal carries colons of its own; only text after its `]` can be a port.
+        let has_port = match host.strip_prefix('[') {
+            Some(rest) => !rest.ends_with(']'),
+            None => host.contains(':'),
+        };
+        if host.is_empty() {
+            let message = "host must not be empty; leave `host` out to match every host";
+            self.report(key, Some(raw.span()), message.to_owned());
+        } else if has_port {
+            let message = format!(
+                "host `{host}` must not contain a port (routes match the Host header without it; \
+                 an IPv6 address goes in brackets)"
+            );
+            self.report(key, Some(raw.span()), message);
+        }
+        host.to_ascii_lowercase()
+    }
+
+    fn pool(&mut self, name: &Spanned<String>, raw: &RawPool) -> PoolConfig {
+        let key = format!("pools.{}", key_segment(name.get_ref()));
+        if name.get_ref().is_empty() {
+            self.report(
+                &key,
+                Some(name.span()),
+                "pool name must not be empty".to_owned(),
+            );
+        } else if !is_bare_key(name.get_ref()) {
+            let message = format!(
+                "pool name `{}` may contain only ASCII letters, digits, `_` and `-`",
+                name.get_ref()
+            );
+            self.report(&key, Some(name.span()), message);
+        }
+
+        let strategy = match &raw.strategy {
+            None => {
+                let message = format!("`strategy` is required; expected one of {STRATEGIES}");
+                self.report(&format!("{key}.strategy"), Some(name.span()), message);
+                None
+            }
+            Some(strategy) => {
+                let parsed = StrategyKind::parse(strategy.get_ref());
+                if parsed.is_none() {
+                    let message = format!(
+                        "unknown strategy `{}`; expected one of {STRATEGIES}",
+                        strategy.get_ref()
+                    );
+                    self.report(&format!("{key}.strategy"), Some(strategy.span()), message);
+                }
+                parsed
+            }
+        };
+
+        let backends = self.backends(&key, name, raw.backends.as_ref());
+
+        let mut trusted_proxies = Vec::new();
+        for (i, proxy) in raw.trusted_proxies.iter().flatten().enumerate() {
+            let text = proxy.get_ref();
+            let parsed = text
+                .parse::<IpNet>()
+                .ok()
+                .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from));
+            match parsed {
+                Some(net) => trusted_proxies.push(net),
+                None => {
+                    let message = format!("`{text}` is neither a CIDR nor an IP address");
+                    let key = format!("{key}.trusted_proxies[{i}]");
+                    self.report(&key, Some(proxy.span()), message);
+                }
+            }
+        }
+
+        let drain_timeout = raw
+            .drain_timeout
+            .as_ref()
+            .and_then(|value| self.duration(&format!("{key}.drain_timeout"), value))
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+
+        let drain_sticky = match raw.drain_sticky.as_ref() {
+            None => DrainSticky::default(),
+            Some(value) => match value.get_ref().as_str() {
+                "keep" => DrainSticky::Keep,
+                "move" => DrainSticky::Move,
+                other => {
+                    let message =
+                        format!("unknown drain_sticky `{other}`; expected `keep` or `move`");
+                    self.report(&format!("{key}.drain_sticky"), Some(value.span()), message);
+                    DrainSticky::default()
+                }
+            },
+        };
+
+        let wants_cookie = strategy == Some(StrategyKind::Cookie);
+        let cookie = match &raw.cookie {
+            Some(cookie) => Some(self.cookie(&key, name, cookie, wants_cookie)),
+            None => {
+                if let (true, Some(strategy)) = (wants_cookie, &raw.strategy) {
+                    let message =
+                        format!("strategy `cookie` needs a [{key}.cookie] table with a secret");
+                    self.report(&format!("{key}.cookie"), Some(strategy.span()), message);
+                }
+                None
+            }
+        };
+
+        PoolConfig {
+            name: name.get_ref().clone(),
+            // Only read when there are no errors, and then the strategy is known.
+            strategy: strategy.unwrap_or(StrategyKind::RoundRobin),
+            backends,
+            cookie,
+            trusted_proxies,
+            drain_timeout,
+            drain_sticky,
+        }
+    }
+
+    fn backends(
+        &mut self,
+        pool_key: &str,
+        name: &Spanned<String>,
+        raw: Option<&Spanned<Vec<Spanned<RawBackend>>>>,
+    ) -> Vec<BackendSpec> {
+        let key = format!("{pool_key}.backends");
+        let needed = "a pool needs at least one backend".to_owned();
+        let Some(raw) = raw else {
+            self.report(&key, Some(name.span()), needed);
+            return Vec::new();
+        };
+        if raw.get_ref().is_empty() {
+            self.report(&key, Some(raw.span()), needed);
+        }
+        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut backends = Vec::new();
+        for (i, backend) in raw.get_ref().iter().enumerate() {
+            let weight = match &backend.get_ref().weight {
+                None => DEFAULT_WEIGHT,
+                Some(weight) => {
+                    let value = *weight.get_ref();
+                    let problem = if value < 1 {
+                        Some("weight must be at least 1".to_owned())
+                    } else if value > MAX_WEIGHT {
+                        Some(format!("weight must be at most {MAX_WEIGHT}"))
+                    } else {
+                        None
+                    };
+                    if let Some(message) = problem {
+                        self.report(&format!("{key}[{i}].weight"), Some(weight.span()), message);
+                    }
+                    u32::try_from(value).unwrap_or(DEFAULT_WEIGHT)
+                }
+            };
+            let address_key = format!("{key}[{i}].address");
+            let Some(address) = &backend.get_ref().address else {
+                let message = "`address` is required, as IP:port".to_owned();
+                self.report(&address_key, Some(backend.span()), message);
+                continue;
+            };
+            let Some(parsed) = self.socket_addr(&address_key, address) else {
+                continue;
+            };
+            if let Some(first) = seen.get(&parsed) {
+                let message = format!("address {parsed} is already backends[{first}] of this pool");
+                self.report(&address_key, Some(address.span()), message);
+            } else {
+                seen.insert(parsed, i);
+            }
+            backends.push(BackendSpec {
+                address: parsed,
+                weight,
+            });
+        }
+        backends
+    }
+
+    fn cookie(
+        &mut self,
+        pool_key: &str,
+        pool_name: &Spanned<String>,
+        raw: &RawCookie,
+        required: bool,
+    ) -> CookieConfig {
+        let key = format!("{pool_key}.cookie");
+
+        let name = match &raw.name {
+            None => DEFAULT_COOKIE_NAME.to_owned(),
+            Some(name) => {
+                if !is_cookie_token(name.get_ref()) {
+                    let message = format!(
+                        "`{}` is not a valid cookie name: use ASCII letters, digits and \
+                         !#$%&'*+-.^_`|~ (an RFC 6265 token)",
+                        name.get_ref()
+                    );
+                    self.report(&format!("{key}.name"), Some(name.span()), message);
+                }
+                name.get_ref().clone()
+            }
+        };
+
+        let secrets = match (&raw.secret, &raw.secret_env) {
+            (Some(_), Some(env)) => {
+                let message = "`secret` and `secret_env` are both set; keep one".to_owned();
+                self.report(&format!("{key}.secret_env"), Some(env.span()), message);
+                Vec::new()
+            }
+            (None, None) => {
+                // The cookie table itself has no span; point at its first key, else at the pool.
+                let anchor = [&raw.name, &raw.fallback, &raw.max_age]
+                    .into_iter()
+                    .flatten()
+                    .map(|value| value.span())
+                    .min_by_key(|span| span.start)
+                    .unwrap_or_else(|| pool_name.span());
+                let message = "a secret is required: set `secret` or `secret_env`".to_owned();
+                self.report(&format!("{key}.secret"), Some(anchor), message);
+                Vec::new()
+            }
+            (Some(secret), None) => self.literal_secrets(&format!("{key}.secret"), secret),
+            (None, Some(env)) => self.env_secrets(&format!("{key}.secret_env"), env, required),
+        };
+
+        let fallback = match &raw.fallback {
+            None => StrategyKind::RoundRobin,
+            Some(fallback) => match StrategyKind::parse(fallback.get_ref()) {
+                Some(StrategyKind::Cookie) => {
+                    let message = format!(
+                        "fallback cannot be `cookie`: it places clients that have no valid \
+                         cookie; expected one of {FALLBACKS}"
+                    );
+                    self.report(&format!("{key}.fallback"), Some(fallback.span()), message);
+                    StrategyKind::RoundRobin
+                }
+                Some(kind) => kind,
+                None => {
+                    let message = format!(
+                        "unknown fallback `{}`; expected one of {FALLBACKS}",
+                        fallback.get_ref()
+                    );
+                    self.report(&format!("{key}.fallback"), Some(fallback.span()), message);
+                    StrategyKind::RoundRobin
+                }
+            },
+        };
+
+        let max_age = raw
+            .max_age
+            .as_ref()
+            .and_then(|value| self.duration(&format!("{key}.max_age"), value));
+
+        CookieConfig {
+            name,
+            secrets,
+            fallback,
+            max_age,
+            secure: raw.secure.unwrap_or(false),
+        }
+    }
+
+    fn literal_secrets(&mut self, key: &str, raw: &Spanned<RawSecret>) -> Vec<Vec<u8>> {
+        match raw.get_ref() {
+            RawSecret::One(secret) => {
+                self.check_secret_length(key, raw.span(), "secret", secret);
+                vec![secret.clone().into_bytes()]
+            }
+            RawSecret::Many(secrets) => {
+                if secrets.is_empty() {
+                    let message = "the secret list is empty; give at least one secret".to_owned();
+                    self.report(key, Some(raw.span()), message);
+                }
+                for (i, secret) in secrets.iter().enumerate() {
+                    let key = format!("{key}[{i}]");
+                    self.check_secret_length(&key, secret.span(), "secret", secret.get_ref());
+                }
+                secrets
+                    .iter()
+                    .map(|secret| secret.get_ref().clone().into_bytes())
+                    .collect()
+            }
+        }
+    }
+
+    fn env_secrets(&mut self, key: &str, var: &Spanned<String>, required: bool) -> Vec<Vec<u8>> {
+        let name = var.get_ref();
+        if name.is_empty() {
+            let message = "secret_env must name an environment variable".to_owned();
+            self.report(key, Some(var.span()), message);
+            return Vec::new();
+        }
+        let value = (self.env)(name).unwrap_or_default();
+        // Spaces after the commas are for legibility, not part of a secret.
+        let secrets: Vec<&str> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if secrets.is_empty() {
+            // Only an error for `cookie`: switching a pool to another strategy and back should
+            // be a one-word edit, not also a change to the environment.
+            if required {
+                let message = format!(
+                    "environment variable `{name}` is unset or empty, and strategy `cookie` \
+                     needs a secret"
+                );
+                self.report(key, Some(var.span()), message);
+            }
+            return Vec::new();
+        }
+        for (i, secret) in secrets.iter().enumerate() {
+            let what = format!("secret {} of `{name}`", i + 1);
+            self.check_secret_length(key, var.span(), &what, secret);
+        }
+        secrets.iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+
+    /// Reports a secret that is too short, saying how long it is but never what it is.
+    fn check_secret_length(&mut self, key: &str, span: Range<usize>, what: &str, secret: &str) {
+        if secret.len() < MIN_SECRET_BYTES {
+            let message = format!(
+                "{what} is {} bytes; it must be at least {MIN_SECRET_BYTES}",
+                secret.len()
+            );
+            self.report(key, Some(span), message);
+        }
+    }
+
+    fn timeouts(&mut self, raw: Option<&RawTimeouts>) -> Timeouts {
+        let mut timeouts = Timeouts::default();
+        let Some(raw) = raw else {
+            return timeouts;
+        };
+        let slots = [
+            ("connect", &raw.connect, &mut timeouts.connect),
+            (
+                "response_header",
+                &raw.response_header,
+                &mut timeouts.response_header,
+            ),
+            (
+                "client_header",
+                &raw.client_header,
+                &mut timeouts.client_header,
+            ),
+            ("idle", &raw.idle, &mut timeouts.idle),
+            ("shutdown", &raw.shutdown, &mut timeouts.shutdown),
+        ];
+        for (name, value, slot) in slots {
+            if let Some(value) = value {
+                if let Some(duration) = self.duration(&format!("timeouts.{name}"), value) {
+                    *slot = duration;
+                }
+            }
+        }
+        timeouts
+    }
+
+    fn socket_addr(&mut self, key: &str, raw: &Spanned<String>) -> Option<SocketAddr> {
+        match raw.get_ref().parse() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                let message = format!(
+                    "`{}` is not an IP:port address (host names are not resolved)",
+                    raw.get_ref()
+                );
+                self.report(key, Some(raw.span()), message);
+                None
+            }
+        }
+    }
+
+    /// Parses a humantime duration; zero is rejected because every duration here bounds a wait.
+    fn duration(&mut self, key: &str, raw: &Spanned<String>) -> Option<Duration> {
+        match humantime::parse_duration(raw.get_ref()) {
+            Ok(duration) if duration.is_zero() => {
+                let message = "duration must be greater than zero".to_owned();
+                self.report(key, Some(raw.span()), message);
+                None
+            }
+            Ok(duration) => Some(duration),
+            Err(error) => {
+                let message = format!(
+                    "`{}` is not a duration ({error}); write e.g. \"250ms\", \"5s\", \"2m\", \"24h\"",
+                    raw.get_ref()
+                );
+                self.report(key, Some(raw.span()), message);
+                None
+            }
+        }
+    }
+}
+
+/// Turns toml's first error into a [`ConfigError`] that names the key it is about.
+fn toml_error(text: &str, file: &Path, error: &toml::de::Error) -> ConfigError {
+    let offset = error.span().map(|span| span.start);
+    let mut key = offset
+        .map(|offset| locate(text, offset).unwrap_or_else(|| scan_key(text, offset)))
+        .unwrap_or_default();
+    let mut message = describe(error.message());
+    // toml cannot span a table that is only implied (`secret.value = …`), so where a spanned
+    // value is expected it fails on the table's first key with this odd message.
+    if message.ends_with("expected a borrowed string") {
+        if let Some((parent, _)) = key.rsplit_once('.') {
+            key = parent.to_owned();
+        }
+        message = "expected a value, found a table".to_owned();
+    }
+    let (line, column) = offset.map(|offset| line_col(text, offset)).unzip();
+    ConfigError {
+        file: file.to_path_buf(),
+        line,
+        column,
+        key,
+        message,
+    }
+}
+
+/// Rewords serde's unknown-field message in the file's terms and keeps any message on one line.
+fn describe(message: &str) -> String {
+    if let Some((field, expected)) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+    {
+        // serde quotes each expected field in backticks: ", expected `a` or `b`".
+        let names: Vec<String> = expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(|name| format!("`{name}`"))
+            .collect();
+        return match names.as_slice() {
+            [] => format!("unknown key `{field}`; this table takes no keys"),
+            [one] => format!("unknown key `{field}`; expected {one}"),
+            _ => format!(
+                "unknown key `{field}`; expected one of {}",
+                names.join(", ")
+            ),
+        };
+    }
+    let mut message = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    // serde names the Rust type it wanted; the reader knows tables and integers, not `RawPool`.
+    if let Some(at) = message.find("expected struct Raw") {
+        message.replace_range(at.., "expected a table");
+    } else if let Some(stripped) = message.strip_suffix("expected i64") {
+        message = format!("{stripped}expected an integer");
+    }
+    message
+}
+
+/// The dotted key at byte `offset` of a document that is valid TOML (but may not fit
+/// [`RawConfig`]): the key or array element that starts last at or before `offset`. toml's errors
+/// start at the offending key (unknown keys) or value (type errors), and a value follows its key.
+fn locate(text: &str, offset: usize) -> Option<String> {
+    let tree: Node = toml::from_str(text).ok()?;
+    let mut marks = Vec::new();
+    tree.marks("", &mut marks);
+    marks
+        .into_iter()
+        .filter(|(span, _)| span.start <= offset)
+        // On a tie the narrower span is the deeper, more precise one.
+        .max_by(|(a, _), (b, _)| a.start.cmp(&b.start).then(b.len().cmp(&a.len())))
+        .map(|(_, key)| key)
+}
+
+/// Best-effort key for a syntax error, when the document cannot be parsed at all: the last
+/// table header before the error's line plus the key written on that line, if any.
+fn scan_key(text: &str, offset: usize) -> String {
+    let offset = floor_char_boundary(text, offset);
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let mut table = String::new();
+    let mut array_counts: HashMap<String, usize> = HashMap::new();
+    for line in text[..line_start].lines() {
+        let line = line.trim_start();
+        if let Some((name, _)) = line.strip_prefix("[[").and_then(|r| r.split_once("]]")) {
+            let name = dotted(name);
+            let count = array_counts.entry(name.clone()).or_default();
+            table = format!("{name}[{count}]");
+            *count += 1;
+        } else if let Some((name, _)) = line.strip_prefix('[').and_then(|r| r.split_once(']')) {
+            table = dotted(name);
+        }
+    }
+    let key = text[line_start..]
+        .lines()
+        .next()
+        .and_then(|line| line.split_once('='))
+        .map(|(key, _)| dotted(key))
+        .filter(|key| key.split('.').all(is_bare_key));
+    match key {
+        Some(key) if table.is_empty() => key,
+        Some(key) => format!("{table}.{key}"),
+        None => table,
+    }
+}
+
+fn dotted(key: &str) -> String {
+    key.split('.').map(str::trim).collect::<Vec<_>>().join(".")
+}
+
+/// 1-based line and column (in characters) of byte `offset`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..floor_char_boundary(text, offset)];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    (line, before[line_start..].chars().count() + 1)
+}
+
+fn floor_char_boundary(text: &str, offset: usize) -> usize {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    offset
+}
+
+/// Whether `key` can be written unquoted in TOML (and so is a valid pool name).
+fn is_bare_key(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// One segment of a dotted key, quoted when TOML would need quotes.
+fn key_segment(key: &str) -> String {
+    if is_bare_key(key) {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
+    }
+}
+
+/// RFC 6265 `cookie-name`, which is an RFC 2616 `token`.
+fn is_cookie_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A TOML document reduced to its shape and the spans of its keys and array elements, so that a
+/// byte offset from toml's error can be turned into a dotted key.
+enum Node {
+    Table(Vec<(Spanned<String>, Node)>),
+    // Only array elements are spanned: a table value may be implied by a dotted key or a deeper
+    // header, and toml has no span to give one.
+    Array(Vec<Spanned<Node>>),
+    Leaf,
+}
+
+impl Node {
+    fn marks(&self, path: &str, out: &mut Vec<(Range<usize>, String)>) {
+        match self {
+            Node::Table(entries) => {
+                for (key, value) in entries {
+                    let segment = key_segment(key.get_ref());
+                    let path = if path.is_empty() {
+                        segment
+                    } else {
+                        format!("{path}.{segment}")
+                    };
+                    out.push((key.span(), path.clone()));
+                    value.marks(&path, out);
+                }
+            }
+            Node::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("{path}[{i}]");
+                    out.push((item.span(), path.clone()));
+                    item.get_ref().marks(&path, out);
+                }
+            }
+            Node::Leaf => {}
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NodeVisitor)
+    }
+}
+
+struct NodeVisitor;
+
+impl<'de> Visitor<'de> for NodeVisitor {
+    type Value = Node;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any TOML value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Node, E> {
+        Ok(Node::Leaf)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Node, E> {
+        Ok(Node::Leaf)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Node, E> {
+        Ok(Node::Leaf)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Node, E> {
+        Ok(Node::Leaf)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Node, E> {
+        Ok(Node::Leaf)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Spanned<Node>>()? {
+            items.push(item);
+        }
+        Ok(Node::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+        let mut entries = Vec::new();
+        loop {
+            // toml hands a datetime over as a one-entry map whose key has no span; a datetime
+            // is a leaf as far as keys are concerned.
+            let Ok(key) = map.next_key::<Spanned<String>>() else {
+                return Ok(Node::Leaf);
+            };
+            let Some(key) = key else {
+                break;
+            };
+            entries.push((key, map.next_value::<Node>()?));
+        }
+        Ok(Node::Table(entries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET_ENV: &str = "TEST_SWITCHYARD_SECRET";
+
+    fn check(text: &str) -> Result<Config, ConfigErrors> {
+        parse_with_env(text, Path::new("proxy.toml"), &|name| {
+            (name == SECRET_ENV).then(|| "0123456789abcdef, fedcba9876543210".to_owned())
+        })
+    }
+
+    /// Asserts that `text` is rejected with exactly one error, at `key` on `line`.
+    #[track_caller]
+    fn only_error(text: &str, key: &str, line: Option<usize>) -> ConfigError {
+        let errors = check(text).expect_err("the config should be rejected");
+        assert_eq!(errors.0.len(), 1, "expected one error, got:\n{errors}");
+        let error = errors.0.into_iter().next().unwrap();
+        assert_eq!(error.key, key, "{error}");
+        assert_eq!(error.line, line, "{error}");
+        let shown = error.to_string();
+        assert!(shown.starts_with("proxy.toml"), "{shown}");
+        assert!(shown.contains(&format!(": {key}: ")), "{shown}");
+        error
+    }
+
+    const EXAMPLE: &str = r#"
+[admin]                      # optional
+listen = "127.0.0.1:9901"
+
+[[listeners]]                # at least one
+listen = "127.0.0.1:8080"
+
+[[routes]]                   # first match wins; both matchers optional
+host = "API.example.com"     # exact Host match; must not contain a port; stored lower-cased
+path_prefix = "/api"         # must start with "/"
+pool = "app"                 # must name a pool that exists
+
+[pools.app]
+strategy = "round_robin"     # round_robin | least_connections | ip_hash | cookie (required)
+backends = [                 # at least one; addresses unique within the pool
+  { address = "127.0.0.1:9001", weight = 2 },
+  { address = "127.0.0.1:9002" },
+]
+trusted_proxies = ["10.0.0.0/8", "127.0.0.1"]
+drain_timeout = "45s"
+drain_sticky = "move"
+
+[pools.app.cookie]
+name = "sy_affinity"
+secret = ["0123456789abcdef0123", "fedcba9876543210"]
+fallback = "least_connections"
+max_age = "24h"
+secure = true
+
+[timeouts]
+connect = "250ms"
+response_header = "5s"
+client_header = "2m"
+idle = "24h"
+shutdown = "1s"
+"#;
+
+    #[test]
+    fn example_parses() {
+        let config = check(EXAMPLE).unwrap();
+        assert_eq!(config.path, Path::new("proxy.toml"));
+        assert_eq!(
+            config.admin,
+            Some(AdminConfig {
+                listen: "127.0.0.1:9901".parse().unwrap()
+            })
+        );
+        assert_eq!(
+            config.listeners,
+            [ListenerConfig {
+                listen: "127.0.0.1:8080".parse().unwrap()
+            }]
+        );
+        assert_eq!(
+            config.routes,
+            [RouteConfig {
+                host: Some("api.example.com".to_owned()),
+                path_prefix: Some("/api".to_owned()),
+                pool: "app".to_owned(),
+            }]
+        );
+        let pool = &config.pools["app"];
+        assert_eq!(pool.name, "app");
+        assert_eq!(pool.strategy, StrategyKind::RoundRobin);
+        assert_eq!(
+            pool.backends,
+            [
+                BackendSpec {
+                    address: "127.0.0.1:9001".parse().unwrap(),
+                    weight: 2
+                },
+                BackendSpec {
+                    address: "127.0.0.1:9002".parse().unwrap(),
+                    weight: 1
+                },
+            ]
+        );
+        assert_eq!(
+            pool.trusted_proxies,
+            [
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "127.0.0.1/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(pool.drain_timeout, Duration::from_secs(45));
+        assert_eq!(pool.drain_sticky, DrainSticky::Move);
+        assert_eq!(
+            pool.cookie,
+            Some(CookieConfig {
+                name: "sy_affinity".to_owned(),
+                secrets: vec![
+                    b"0123456789abcdef0123".to_vec(),
+                    b"fedcba9876543210".to_vec()
+                ],
+                fallback: StrategyKind::LeastConnections,
+                max_age: Some(Duration::from_secs(24 * 3600)),
+                secure: true,
+            })
+        );
+        assert_eq!(
+            config.timeouts,
+            Timeouts {
+                connect: Duration::from_millis(250),
+                response_header: Duration::from_secs(5),
+                client_header: Duration::from_secs(120),
+                idle: Duration::from_secs(24 * 3600),
+                shutdown: Duration::from_secs(1),
+            }
+        );
+    }
+
+    #[test]
+    fn defaults_fill_every_optional_key() {
+        let config = check(
+            r#"
+[[listeners]]
+listen = "[::1]:8080"
+
+[pools.app]
+strategy = "cookie"
+backends = [{ address = "[::1]:9001" }]
+
+[pools.app.cookie]
+secret = "0123456789abcdef"
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.admin, None);
+        assert!(config.routes.is_empty());
+        assert_eq!(
+            config.timeouts,
+            Timeouts {
+                connect: Duration::from_secs(2),
+                response_header: Duration::from_secs(30),
+                client_header: Duration::from_secs(10),
+                idle: Duration::from_secs(60),
+                shutdown: Duration::from_secs(30),
+            }
+        );
+        let pool = &config.pools["app"];
+        assert_eq!(pool.backends[0].weight, 1);
+        assert!(pool.trusted_proxies.is_empty());
+        assert_eq!(pool.drain_timeout, Duration::from_secs(30));
+        assert_eq!(pool.drain_sticky, DrainSticky::Keep);
+        assert_eq!(
+            pool.cookie,
+            Some(CookieConfig {
+                name: "switchyard".to_owned(),
+                secrets: vec![b"0123456789abcdef".to_vec()],
+                fallback: StrategyKind::RoundRobin,
+                max_age: None,
+                secure: false,
+            })
+        );
+    }
+
+    #[test]
+    fn display_is_file_line_column_key_message() {
+        let text = r#"[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [
+  { address = "127.0.0.1:9001" },
+  { address = "127.0.0.1:9002", weight = 0 },
+]
+"#;
+        let error = only_error(text, "pools.app.backends[1].weight", Some(8));
+        assert_eq!(
+            error.to_string(),
+            "proxy.toml:8:42: pools.app.backends[1].weight: weight must be at least 1"
+        );
+    }
+
+    #[test]
+    fn rejects_missing_listeners() {
+        let pool = "[pools.app]\nstrategy = \"round_robin\"\nbackends = [{ address = \"127.0.0.1:9001\" }]\n";
+        let error = only_error(pool, "listeners", None);
+        assert_eq!(
+            error.to_string(),
+            "proxy.toml: listeners: at least one [[listeners]] entry is required"
+        );
+        only_error(&format!("listeners = []\n{pool}"), "listeners", Some(1));
+    }
+
+    #[test]
+    fn rejects_unparsable_addresses() {
+        let error = only_error(
+            r#"
+[admin]
+listen = "localhost:9901"
+
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#,
+            "admin.listen",
+            Some(3),
+        );
+        assert!(error.message.contains("`localhost:9901`"), "{error}");
+        assert_eq!(error.column, Some(10));
+
+        only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#,
+            "listeners[0].listen",
+            Some(3),
+        );
+
+        only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [
+  { address = "127.0.0.1:9001" },
+  { address = "backend.internal:9002" },
+]
+"#,
+            "pools.app.backends[1].address",
+            Some(9),
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_listener_addresses() {
+        let error = only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#,
+            "listeners[1].listen",
+            Some(6),
+        );
+        assert!(error.message.contains("listeners[0].listen"), "{error}");
+
+        let error = only_error(
+            r#"
+[admin]
+listen = "127.0.0.1:8080"
+
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#,
+            "listeners[0].listen",
+            Some(6),
+        );
+        assert!(error.message.contains("admin.listen"), "{error}");
+    }
+
+    #[test]
+    fn port_zero_listeners_do_not_clash() {
+        let config = check(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:0"
+
+[[listeners]]
+listen = "127.0.0.1:0"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.listeners.len(), 2);
+    }
+
+    #[test]
+    fn rejects_route_to_unknown_pool() {
+        let error = only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[[routes]]
+pool = "app"
+
+[[routes]]
+path_prefix = "/"
+pool = "web"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#,
+            "routes[1].pool",
+            Some(10),
+        );
+        assert!(error.message.contains("`web`"), "{error}");
+    }
+
+    #[test]
+    fn rejects_route_host_with_port_or_empty() {
+        let with_port = r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[[routes]]
+host = "api.example.com:8080"
+pool = "app"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#;
+        let error = only_error(with_port, "routes[0].host", Some(6));
+        assert!(error.message.contains("port"), "{error}");
+        only_error(
+            &with_port.replace("api.example.com:8080", "[::1]:8080"),
+            "routes[0].host",
+            Some(6),
+        );
+        only_error(
+            &with_port.replace("api.example.com:8080", ""),
+            "routes[0].host",
+            Some(6),
+        );
+        let config = check(&with_port.replace("api.example.com:8080", "[::1]")).unwrap();
+        assert_eq!(config.routes[0].host.as_deref(), Some("[::1]"));
+    }
+
+    #[test]
+    fn rejects_path_prefix_without_slash() {
+        only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[[routes]]
+path_prefix = "api"
+pool = "app"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#,
+            "routes[0].path_prefix",
+            Some(6),
+        );
+    }
+
+    #[test]
+    fn rejects_pool_without_backends() {
+        only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = []
+"#,
+            "pools.app.backends",
+            Some(7),
+        );
+        only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+"#,
+            "pools.app.backends",
+            Some(5),
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_backend_address() {
+        let error = only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [
+  { address = "127.0.0.1:9001" },
+  { address = "127.0.0.1:9002" },
+  { address = "127.0.0.1:9001", weight = 3 },
+]
+
+[pools.other]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#,
+            "pools.app.backends[2].address",
+            Some(10),
+        );
+        assert!(error.message.contains("backends[0]"), "{error}");
+    }
+
+    #[test]
+    fn rejects_weight_out_of_range() {
+        let text = r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001", weight = 1001 }]
+"#;
+        let error = only_error(text, "pools.app.backends[0].weight", Some(7));
+        assert_eq!(error.message, "weight must be at most 1000");
+        assert!(check(&text.replace("1001", "1000")).is_ok());
+        let error = only_error(
+            &text.replace("1001", "-1"),
+            "pools.app.backends[0].weight",
+            Some(7),
+        );
+        assert_eq!(error.message, "weight must be at least 1");
+    }
+
+    #[test]
+    fn rejects_unknown_strategy() {
+        let error = only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "random"
+backends = [{ address = "127.0.0.1:9001" }]
+"#,
+            "pools.app.strategy",
+            Some(6),
+        );
+        assert_eq!(
+            error.message,
+            "unknown strategy `random`; expected one of `round_robin`, `least_connections`, \
+             `ip_hash`, `cookie`"
+        );
+    }
+
+    #[test]
+    fn rejects_missing_strategy() {
+        only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+backends = [{ address = "127.0.0.1:9001" }]
+"#,
+            "pools.app.strategy",
+            Some(5),
+        );
+    }
+
+    #[test]
+    fn rejects_cookie_strategy_without_cookie_table() {
+        only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+backends = [{ address = "127.0.0.1:9001" }]
+strategy = "cookie"
+"#,
+            "pools.app.cookie",
+            Some(7),
+        );
+    }
+
+    const COOKIE_POOL: &str = r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "cookie"
+backends = [{ address = "127.0.0.1:9001" }]
+
+[pools.app.cookie]
+"#;
+
+    #[test]
+    fn rejects_short_secrets() {
+        let error = only_error(
+            &format!("{COOKIE_POOL}secret = \"fifteen-bytes!!\"\n"),
+            "pools.app.cookie.secret",
+            Some(10),
+        );
+        assert_eq!(error.message, "secret is 15 bytes; it must be at least 16");
+        only_error(
+            &format!("{COOKIE_POOL}secret = [\n  \"0123456789abcdef\",\n  \"short\",\n]\n"),
+            "pools.app.cookie.secret[1]",
+            Some(12),
+        );
+        only_error(
+            &format!("{COOKIE_POOL}secret = []\n"),
+            "pools.app.cookie.secret",
+            Some(10),
+        );
+    }
+
+    #[test]
+    fn rejects_both_or_neither_secret_sources() {
+        only_error(
+            &format!("{COOKIE_POOL}secret = \"0123456789abcdef\"\nsecret_env = \"{SECRET_ENV}\"\n"),
+            "pools.app.cookie.secret_env",
+            Some(11),
+        );
+        only_error(
+            &format!("{COOKIE_POOL}secure = true\nname = \"sy\"\n"),
+            "pools.app.cookie.secret",
+            Some(11),
+        );
+        only_error(COOKIE_POOL, "pools.app.cookie.secret", Some(5));
+    }
+
+    #[test]
+    fn secret_env_is_read_and_split() {
+        let config = check(&format!("{COOKIE_POOL}secret_env = \"{SECRET_ENV}\"\n")).unwrap();
+        let cookie = config.pools["app"].cookie.as_ref().unwrap();
+        assert_eq!(
+            cookie.secrets,
+            [b"0123456789abcdef".to_vec(), b"fedcba9876543210".to_vec()]
+        );
+    }
+
+    #[test]
+    fn unset_secret_env_is_an_error_only_for_cookie_strategy() {
+        let text = format!("{COOKIE_POOL}secret_env = \"TEST_SWITCHYARD_UNSET\"\n");
+        let error = only_error(&text, "pools.app.cookie.secret_env", Some(10));
+        assert!(error.message.contains("TEST_SWITCHYARD_UNSET"), "{error}");
+
+        let config = check(&text.replace("\"cookie\"", "\"ip_hash\"")).unwrap();
+        let pool = &config.pools["app"];
+        assert_eq!(pool.strategy, StrategyKind::IpHash);
+        assert!(pool.cookie.as_ref().unwrap().secrets.is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_fallback() {
+        let text = format!("{COOKIE_POOL}secret = \"0123456789abcdef\"\nfallback = \"cookie\"\n");
+        let error = only_error(&text, "pools.app.cookie.fallback", Some(11));
+        assert!(error.message.contains("cannot be `cookie`"), "{error}");
+        let error = only_error(
+            &text.replace("fallback = \"cookie\"", "fallback = \"fastest\""),
+            "pools.app.cookie.fallback",
+            Some(11),
+        );
+        assert!(
+            error.message.contains("unknown fallback `fastest`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_cookie_name() {
+        let text = format!("{COOKIE_POOL}secret = \"0123456789abcdef\"\nname = \"my cookie\"\n");
+        only_error(&text, "pools.app.cookie.name", Some(11));
+        only_error(
+            &text.replace("my cookie", "a=b"),
+            "pools.app.cookie.name",
+            Some(11),
+        );
+        only_error(
+            &text.replace("my cookie", ""),
+            "pools.app.cookie.name",
+            Some(11),
+        );
+        assert!(check(&text.replace("my cookie", "__Host-sy.id")).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_durations() {
+        let pool = r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#;
+        let error = only_error(
+            &format!("{pool}drain_timeout = \"soon\"\n"),
+            "pools.app.drain_timeout",
+            Some(8),
+        );
+        assert!(
+            error.message.contains("`soon` is not a duration"),
+            "{error}"
+        );
+        let error = only_error(
+            &format!("{pool}drain_timeout = \"0s\"\n"),
+            "pools.app.drain_timeout",
+            Some(8),
+        );
+        assert_eq!(error.message, "duration must be greater than zero");
+        only_error(
+            &format!(
+                "{pool}[pools.app.cookie]\nsecret = \"0123456789abcdef\"\nmax_age = \"0ms\"\n"
+            ),
+            "pools.app.cookie.max_age",
+            Some(10),
+        );
+        for (i, name) in [
+            "connect",
+            "response_header",
+            "client_header",
+            "idle",
+            "shutdown",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut timeouts = String::from("[timeouts]\n");
+            for (j, other) in [
+                "connect",
+                "response_header",
+                "client_header",
+                "idle",
+                "shutdown",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let value = if i == j { "5 parsecs" } else { "1s" };
+                timeouts.push_str(&format!("{other} = \"{value}\"\n"));
+            }
+            only_error(
+                &format!("{pool}{timeouts}"),
+                &format!("timeouts.{name}"),
+                Some(9 + i),
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_cidr() {
+        let error = only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "ip_hash"
+backends = [{ address = "127.0.0.1:9001" }]
+trusted_proxies = [
+  "10.0.0.0/8",
+  "10.0.0.0/33",
+]
+"#,
+            "pools.app.trusted_proxies[1]",
+            Some(10),
+        );
+        assert!(error.message.contains("`10.0.0.0/33`"), "{error}");
+    }
+
+    #[test]
+    fn rejects_bad_drain_sticky() {
+        only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+drain_sticky = "stay"
+"#,
+            "pools.app.drain_sticky",
+            Some(8),
+        );
+    }
+
+    #[test]
+    fn rejects_bad_pool_names() {
+        let text = r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools."my pool"]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#;
+        only_error(text, "pools.\"my pool\"", Some(5));
+        only_error(&text.replace("my pool", ""), "pools.\"\"", Some(5));
+    }
+
+    #[test]
+    fn reports_every_error_at_once() {
+        let errors = check(
+            r#"
+[[routes]]
+pool = "missing"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001", weight = 0 }]
+drain_timeout = "forever"
+
+[pools.bad]
+strategy = "sticky"
+backends = []
+
+[timeouts]
+idle = "0s"
+"#,
+        )
+        .unwrap_err();
+        let found: Vec<(&str, Option<usize>)> =
+            errors.0.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [
+                ("listeners", None),
+                ("routes[0].pool", Some(3)),
+                ("pools.app.backends[0].weight", Some(7)),
+                ("pools.app.drain_timeout", Some(8)),
+                ("pools.bad.strategy", Some(11)),
+                ("pools.bad.backends", Some(12)),
+                ("timeouts.idle", Some(15)),
+            ]
+        );
+        assert_eq!(errors.to_string().lines().count(), 7);
+    }
+
+    #[test]
+    fn unknown_keys_name_their_full_path() {
+        let error = only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [
+  { address = "127.0.0.1:9001" },
+  { address = "127.0.0.1:9002", wieght = 2 },
+]
+"#,
+            "pools.app.backends[1].wieght",
+            Some(9),
+        );
+        assert_eq!(error.column, Some(33));
+        assert_eq!(
+            error.message,
+            "unknown key `wieght`; expected one of `address`, `weight`"
+        );
+
+        let error = only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[[listeners]]
+address = "127.0.0.1:8081"
+"#,
+            "listeners[1].address",
+            Some(6),
+        );
+        assert_eq!(error.message, "unknown key `address`; expected `listen`");
+
+        only_error(
+            "[timeouts]\nconnect = \"1s\"\nconect = \"1s\"\n",
+            "timeouts.conect",
+            Some(3),
+        );
+        only_error("[pool.app]\nstrategy = \"ip_hash\"\n", "pool", Some(1));
+        let error = only_error(
+            "[pools.app.cookie]\nsecret.value = \"0123456789abcdef\"\n",
+            "pools.app.cookie.secret",
+            Some(2),
+        );
+        assert_eq!(error.message, "expected a value, found a table");
+    }
+
+    #[test]
+    fn type_and_syntax_errors_name_their_key() {
+        let error = only_error(
+            "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n\n[pools.app]\nstrategy = \"ip_hash\"\n\
+             backends = [{ address = \"127.0.0.1:9001\", weight = \"2\" }]\n",
+            "pools.app.backends[0].weight",
+            Some(6),
+        );
+        assert_eq!(
+            error.message,
+            "invalid type: string \"2\", expected an integer"
+        );
+
+        let error = only_error(
+            "listeners = [{ listen = \"127.0.0.1:8080\" }, 5]\n",
+            "listeners[1]",
+            Some(1),
+        );
+        assert_eq!(error.message, "invalid type: integer `5`, expected a table");
+
+        only_error(
+            "[pools.app]\nstrategy = \"ip_hash\"\ndrain_timeout = 1979-05-27\n",
+            "pools.app.drain_timeout",
+            Some(3),
+        );
+
+        let error = only_error(
+            "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n[[listeners]]\nlisten = \n",
+            "listeners[1].listen",
+            Some(4),
+        );
+        assert!(!error.message.contains('\n'), "{error}");
+    }
+
+    #[test]
+    fn unreadable_file_is_one_error_without_a_key() {
+        let path = Path::new("/nonexistent/switchyard/proxy.toml");
+        let errors = load(path).unwrap_err();
+        assert_eq!(errors.0.len(), 1);
+        let error = &errors.0[0];
+        assert_eq!((error.key.as_str(), error.line), ("", None));
+        assert!(
+            error
+                .to_string()
+                .starts_with("/nonexistent/switchyard/proxy.toml: cannot read the config file: "),
+            "{error}"
+        );
+    }
+}

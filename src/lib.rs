@@ -1,0 +1,27 @@
+//! Switchyard: an HTTP load balancer and reverse proxy with hot reload, draining and sticky
+//! sessions.
+//!
+//! # Layout
+//!
+//! A request's path, top to bottom: [`server`] accepts a connection and serves HTTP/1.1 or HTTP/2 →
+//! [`proxy::handle`] loads the current [`state::Snapshot`] once, matches a route → the route's
+//! [`state::Pool`] asks its [`balance::Strategy`] to choose a member → the member's live
+//! [`backend::BackendState`] counts the request and lends a pooled connection → the response
+//! streams back, and failures become statuses in [`error`].
+//!
+//! - [`config`]: `proxy.toml`, parsed strictly ([`config::raw`]) then validated ([`config::validate`]).
+//! - [`state`]: the immutable snapshot behind one `ArcSwap`, and what connections share.
+//! - [`backend`]: live per-address state (in-flight, drain, connection pool) and its registry.
+//! - [`balance`]: the strategy trait and the four strategies.
+//! - [`proxy`]: the request path, header rules, response bodies, upgraded tunnels.
+//! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`demo`]: the example stateful app server used by the examples and the tests.
+
+pub mod backend;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod proxy;
+pub mod server;
+pub mod state;

@@ -1,0 +1,256 @@
+//! The request path: route → pool → strategy → backend → forward → classify the error. Read
+//! [`handle`] top to bottom.
+
+mod body;
+pub mod headers;
+mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::Either;
+use hyper::body::{Body, Incoming};
+
+pub use body::{Finish, ProxyBody};
+
+use crate::backend::{SendError, UpstreamBody};
+use crate::balance::{Affinity, Candidates, RequestFacts};
+use crate::config::StrategyKind;
+use crate::error::ProxyError;
+use crate::state::{Pool, Shared, Snapshot};
+
+/// How many backends one request may be tried on: the first, and one retry on another backend when
+/// nothing of the request reached the first.
+const MAX_ATTEMPTS: usize = 2;
+
+/// What the request path knows about the client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
+}
+
+/// Proxies one request and always returns a response: the backend's, or a short error.
+pub async fn handle(
+    shared: &Shared,
+    conn: &ConnInfo,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let snapshot = shared.snapshot.load_full();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut log = AccessLog {
+        pool: None,
+        backend: None,
+        affinity: Affinity::None,
+    };
+    let response = match forward(&snapshot, conn, request, &mut log).await {
+        Ok(response) => response,
+        Err(error) => {
+            if error.status().is_server_error() {
+                tracing::warn!(error = %error, source = ?std::error::Error::source(&error), "proxy error");
+            }
+            error_response(&error)
+        }
+    };
+    tracing::info!(
+        target: "switchyard::access",
+        client = %conn.peer,
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        pool = log.pool.as_deref().unwrap_or("-"),
+        backend = %log.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
+        affinity = log.affinity.as_str(),
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+    );
+    response
+}
+
+struct AccessLog {
+    pool: Option<String>,
+    backend: Option<SocketAddr>,
+    affinity: Affinity,
+}
+
+async fn forward(
+    snapshot: &Arc<Snapshot>,
+    conn: &ConnInfo,
+    mut request: Request<Incoming>,
+    log: &mut AccessLog,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if request.version() == Version::HTTP_11
+        && request.uri().authority().is_none()
+        && !request.headers().contains_key(header::HOST)
+    {
+        return Err(ProxyError::BadRequest {
+            reason: "missing Host header",
+        });
+    }
+    let host = headers::request_host(request.uri(), request.headers());
+    let pool = snapshot
+        .route(host, request.uri().path())
+        .ok_or_else(|| ProxyError::NoRoute {
+            host: host.unwrap_or_default().to_owned(),
+            path: request.uri().path().to_owned(),
+        })?;
+    log.pool = Some(pool.name().to_owned());
+
+    let client_ip = headers::client_ip(
+        conn.peer.ip(),
+        request.headers(),
+        &pool.config.trusted_proxies,
+    );
+    let upgrading =
+        request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers());
+    let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
+    let wants_cookies = pool.config.strategy == StrategyKind::Cookie;
+    let (facts_headers, upstream) = upstream_request(request, conn, upgrading, wants_cookies)?;
+    let facts = RequestFacts {
+        client_ip,
+        headers: &facts_headers,
+    };
+
+    let mut upstream = upstream;
+    let mut tried = [usize::MAX; MAX_ATTEMPTS];
+    let mut attempts = 0;
+    loop {
+        let choice = choose(pool, &facts, &tried[..attempts])?;
+        let member = &pool.members[choice.index];
+        log.backend = Some(member.spec.address);
+        log.affinity = choice.affinity;
+        let guard = member.state.start_request();
+        let timeouts = &snapshot.config.timeouts;
+        match member.state.pool.send(upstream, timeouts).await {
+            Ok((mut response, pooled)) => {
+                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                headers::strip_hop_by_hop(response.headers_mut(), switching && upgrading);
+                if let Some(cookie) = choice.set_cookie {
+                    response.headers_mut().append(header::SET_COOKIE, cookie);
+                }
+                if switching {
+                    if let Some(client_upgrade) = client_upgrade {
+                        let backend_upgrade = hyper::upgrade::on(&mut response);
+                        let upgrade_guard = member.state.start_upgrade();
+                        let cut = member.state.cut_signal();
+                        tokio::spawn(tunnel::run(
+                            client_upgrade,
+                            backend_upgrade,
+                            upgrade_guard,
+                            cut,
+                        ));
+                    }
+                    // The connection now belongs to the tunnel; it never returns to the pool.
+                    return Ok(response.map(|_| ProxyBody::empty()));
+                }
+                let finish = Finish {
+                    guard,
+                    conn: Some(pooled),
+                };
+                return Ok(response.map(|body| {
+                    if body.is_end_stream() {
+                        finish.complete();
+                        ProxyBody::empty()
+                    } else {
+                        ProxyBody::Upstream {
+                            body,
+                            finish: Some(finish),
+                        }
+                    }
+                }));
+            }
+            Err(SendError::NotSent { request, error }) => {
+                tried[attempts] = choice.index;
+                attempts += 1;
+                if attempts == MAX_ATTEMPTS {
+                    return Err(error);
+                }
+                tracing::debug!(error = %error, "retrying on another backend");
+                upstream = *request;
+            }
+            Err(SendError::Failed(error)) => return Err(error),
+        }
+    }
+}
+
+fn choose(
+    pool: &Pool,
+    facts: &RequestFacts<'_>,
+    tried: &[usize],
+) -> Result<crate::balance::Choice, ProxyError> {
+    let candidates = Candidates::new(&pool.members, pool.active, tried);
+    pool.strategy
+        .choose(facts, &candidates)
+        .ok_or_else(|| ProxyError::NoBackend {
+            pool: pool.name().to_owned(),
+        })
+}
+
+/// Rewrites the client's request for the backend: origin-form target, HTTP/1.1, hop-by-hop headers
+/// removed, forwarding headers set, body streamed as it arrives. With `wants_cookies`, also returns
+/// the client's `Cookie` headers for the strategy, which chooses after the request has moved.
+fn upstream_request(
+    request: Request<Incoming>,
+    conn: &ConnInfo,
+    upgrading: bool,
+    wants_cookies: bool,
+) -> Result<(http::HeaderMap, Request<UpstreamBody>), ProxyError> {
+    let (mut parts, body) = request.into_parts();
+    let mut cookies = http::HeaderMap::new();
+    if wants_cookies {
+        for value in parts.headers.get_all(header::COOKIE) {
+            cookies.append(header::COOKIE, value.clone());
+        }
+    }
+    let authority_host = parts
+        .uri
+        .authority()
+        .map(|a| HeaderValue::from_str(a.as_str()))
+        .transpose()
+        .map_err(|_| ProxyError::BadRequest {
+            reason: "invalid authority",
+        })?;
+    if let Some(host) = authority_host {
+        // HTTP/2 and absolute-form requests carry the host in the target; HTTP/1.1 needs it in Host.
+        parts.headers.insert(header::HOST, host);
+    }
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    parts.uri = Uri::try_from(target).map_err(|_| ProxyError::BadRequest {
+        reason: "invalid target",
+    })?;
+    parts.version = Version::HTTP_11;
+    headers::strip_hop_by_hop(&mut parts.headers, upgrading);
+    let host = parts.headers.get(header::HOST).cloned();
+    // Each hop appends the peer it talked to, not the client it resolved for hashing.
+    headers::set_forwarded(
+        &mut parts.headers,
+        conn.peer.ip(),
+        conn.proto,
+        host.as_ref(),
+    );
+    Ok((cookies, Request::from_parts(parts, Either::Left(body))))
+}
+
+/// A short plain-text error response.
+pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::local(error.body()));
+    *response.status_mut() = error.status();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if error.status() == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if matches!(error, ProxyError::BadRequest { .. }) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}

@@ -1,0 +1,169 @@
+//! Listeners and connections: the accept loops, HTTP/1.1 and HTTP/2 (prior knowledge) on the same
+//! socket, and graceful shutdown with a bounded wait. Listeners are keyed by their configured
+//! address so that a reload starts and stops only the ones that changed.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::proxy::{self, ConnInfo};
+use crate::state::Shared;
+
+/// Most concurrent HTTP/2 streams per client connection.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// A bound listener and the token that stops its accept loop.
+#[derive(Debug)]
+struct Listener {
+    local: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// A running proxy: its shared state, its listeners and its connections.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    listeners: Mutex<BTreeMap<SocketAddr, Listener>>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+}
+
+impl Server {
+    /// Binds every listener of `config` and starts serving. Fails, binding nothing, if any address
+    /// cannot be bound.
+    pub async fn start(config: Config) -> std::io::Result<Arc<Server>> {
+        let addresses: Vec<SocketAddr> = config.listeners.iter().map(|l| l.listen).collect();
+        let bound = bind_all(&addresses).await?;
+        let server = Arc::new(Server {
+            shared: Shared::new(config),
+            listeners: Mutex::new(BTreeMap::new()),
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        });
+        server.adopt_listeners(bound);
+        Ok(server)
+    }
+
+    /// The shared snapshot and registry.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The bound address of each listener, in the config's order (useful with port 0).
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshot = self.shared.snapshot.load();
+        snapshot
+            .config
+            .listeners
+            .iter()
+            .filter_map(|l| listeners.get(&l.listen).map(|b| b.local))
+            .collect()
+    }
+
+    /// Starts accept loops for freshly bound listeners.
+    fn adopt_listeners(self: &Arc<Self>, bound: Vec<(SocketAddr, TcpListener)>) {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        for (configured, listener) in bound {
+            let local = listener.local_addr().unwrap_or(configured);
+            let stop = self.shutdown.child_token();
+            tracing::info!(listen = %local, "listening");
+            tokio::spawn(Arc::clone(self).accept_loop(listener, stop.clone()));
+            listeners.insert(configured, Listener { local, stop });
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let server = Arc::clone(&self);
+                        self.connections.spawn(server.serve_connection(stream, peer));
+                    }
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let timeouts = self.shared.snapshot.load().config.timeouts.clone();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(timeouts.client_header)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+        let info = ConnInfo {
+            peer,
+            proto: "http",
+        };
+        let shared = Arc::clone(&self.shared);
+        let service = service_fn(move |request| {
+            let shared = Arc::clone(&shared);
+            async move { Ok::<_, Infallible>(proxy::handle(&shared, &info, request).await) }
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            _ = self.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%peer, %error, "client connection ended with an error");
+        }
+    }
+
+    /// Stops accepting, lets in-flight requests finish for at most `limit`, and reports whether
+    /// every connection finished in time.
+    pub async fn shutdown(&self, limit: Duration) -> bool {
+        self.shutdown.cancel();
+        self.connections.close();
+        let finished = tokio::time::timeout(limit, self.connections.wait())
+            .await
+            .is_ok();
+        if !finished {
+            tracing::warn!(
+                remaining = self.connections.len(),
+                "shutdown timeout reached with connections still open"
+            );
+        }
+        finished
+    }
+}
+
+/// Binds every address, or none: a failure drops what was already bound.
+async fn bind_all(addresses: &[SocketAddr]) -> std::io::Result<Vec<(SocketAddr, TcpListener)>> {
+    let mut bound = Vec::with_capacity(addresses.len());
+    for &address in addresses {
+        let listener = TcpListener::bind(address).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
+        })?;
+        bound.push((address, listener));
+    }
+    Ok(bound)
+}

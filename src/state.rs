@@ -1,0 +1,146 @@
+//! The snapshot: everything a request reads (routes, pools, strategies), immutable, behind one
+//! `ArcSwap`. A request loads it once and finishes on it, whatever reloads happen meanwhile.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::backend::Registry;
+use crate::balance::{self, Member, Strategy};
+use crate::config::{Config, PoolConfig};
+
+/// One pool as built for a snapshot.
+#[derive(Debug)]
+pub struct Pool {
+    /// The pool's config.
+    pub config: PoolConfig,
+    /// Active members in config order, then members that are draining but still reachable by sticky
+    /// clients.
+    pub members: Vec<Member>,
+    /// How many of `members` are active.
+    pub active: usize,
+    /// The selection state built for exactly these members.
+    pub strategy: Box<dyn Strategy>,
+}
+
+impl Pool {
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+/// A route, with its pool resolved to an index.
+#[derive(Debug)]
+struct Route {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    pool: usize,
+}
+
+/// An immutable view of the config plus the selection state built from it.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The config this snapshot was built from.
+    pub config: Arc<Config>,
+    /// Pools in name order.
+    pub pools: Vec<Pool>,
+    routes: Vec<Route>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot, taking each backend's live state from `registry` (creating it for new
+    /// addresses). Members of `previous` that are draining and whose pool still exists stay reachable
+    /// after the active ones.
+    pub fn build(config: Arc<Config>, registry: &Registry, previous: Option<&Snapshot>) -> Self {
+        let pools: Vec<Pool> = config
+            .pools
+            .values()
+            .map(|pool_config| {
+                let mut members: Vec<Member> = pool_config
+                    .backends
+                    .iter()
+                    .map(|spec| Member {
+                        spec: spec.clone(),
+                        state: registry.get_or_create(spec.address),
+                    })
+                    .collect();
+                let active = members.len();
+                if let Some(old) = previous.and_then(|p| p.pool(&pool_config.name)) {
+                    let is_listed =
+                        |a: SocketAddr| pool_config.backends.iter().any(|b| b.address == a);
+                    members.extend(
+                        old.members
+                            .iter()
+                            .filter(|m| m.state.is_draining() && !is_listed(m.spec.address))
+                            .cloned(),
+                    );
+                }
+                let strategy = balance::build(pool_config, &members, active);
+                Pool {
+                    config: pool_config.clone(),
+                    members,
+                    active,
+                    strategy,
+                }
+            })
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                host: r.host.clone(),
+                path_prefix: r.path_prefix.clone(),
+                pool: pools
+                    .iter()
+                    .position(|p| p.config.name == r.pool)
+                    .expect("validated: routes name existing pools"),
+            })
+            .collect();
+        Snapshot {
+            config,
+            pools,
+            routes,
+        }
+    }
+
+    /// The pool of the first route matching `host` (without a port) and `path`.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Pool> {
+        self.routes
+            .iter()
+            .find(|r| {
+                r.host
+                    .as_deref()
+                    .is_none_or(|h| host.is_some_and(|host| host.eq_ignore_ascii_case(h)))
+                    && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            })
+            .map(|r| &self.pools[r.pool])
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.config.name == name)
+    }
+}
+
+/// What every connection shares: the current snapshot and the live backend registry.
+#[derive(Debug)]
+pub struct Shared {
+    /// The current snapshot, swapped whole on reload.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Live backend state by address.
+    pub registry: Registry,
+}
+
+impl Shared {
+    /// Shared state serving `config`.
+    pub fn new(config: Config) -> Arc<Self> {
+        let registry = Registry::new();
+        let snapshot = Snapshot::build(Arc::new(config), &registry, None);
+        Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            registry,
+        })
+    }
+}
