@@ -15,13 +15,21 @@
 //! - [`balance`]: the strategy trait and the four strategies.
 //! - [`proxy`]: the request path, header rules, response bodies, upgraded tunnels.
 //! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`reload`]: file watch / SIGHUP / admin → load → validate → reconcile → store.
+//! - [`drain`]: the Active → Draining → Retired/Drained state machine.
+//! - [`admin`]: `/status`, `/reload`, runtime drain, `/metrics` on the admin listener.
+//! - [`metrics`]: metric names and handles in one place.
 //! - [`demo`]: the example stateful app server used by the examples and the tests.
 
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod error;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod state;

@@ -3,8 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand};
 use switchyard::config::Config;
+use switchyard::reload::ReloadReport;
 use switchyard::server::Server;
 
 /// HTTP load balancer and reverse proxy.
@@ -21,7 +24,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate the configuration and exit: 0 when valid, 1 with every error otherwise.
-    Check,
+    Check {
+        /// Also print what reloading from CURRENT to --config would change.
+        #[arg(long, value_name = "CURRENT")]
+        diff: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,22 +41,36 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Some(Command::Check) => check(&cli),
+        Some(Command::Check { ref diff }) => check(&cli, diff.as_deref()),
         None => run(&cli),
     }
 }
 
-fn check(cli: &Cli) -> ExitCode {
-    match Config::load(&cli.config) {
-        Ok(_) => {
-            println!("{}: ok", cli.config.display());
-            ExitCode::SUCCESS
-        }
+fn check(cli: &Cli, current: Option<&std::path::Path>) -> ExitCode {
+    let new = match Config::load(&cli.config) {
+        Ok(config) => config,
         Err(errors) => {
             eprintln!("{errors}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    println!("{}: ok", cli.config.display());
+    if let Some(current) = current {
+        let old = match Config::load(current) {
+            Ok(config) => config,
+            Err(errors) => {
+                eprintln!("{errors}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let report = ReloadReport::between(&old, &new);
+        println!("changes: {report}");
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("reports serialise")
+        );
     }
+    ExitCode::SUCCESS
 }
 
 fn run(cli: &Cli) -> ExitCode {
@@ -79,7 +100,10 @@ fn run(cli: &Cli) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if let Err(error) = wait_for_stop_signal().await {
+        if let Err(error) = server.watch_config_file() {
+            tracing::warn!(%error, "cannot watch the config file; reload with SIGHUP or POST /reload");
+        }
+        if let Err(error) = serve_until_stopped(&server).await {
             eprintln!("cannot listen for signals: {error}");
             return ExitCode::FAILURE;
         }
@@ -89,14 +113,21 @@ fn run(cli: &Cli) -> ExitCode {
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn wait_for_stop_signal() -> std::io::Result<()> {
+/// Reloads on SIGHUP; returns on SIGINT or SIGTERM.
+async fn serve_until_stopped(server: &Arc<Server>) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                // Errors are logged and counted by the reload itself; the old config keeps serving.
+                let _ = server.reload_from_file().await;
+            }
+        }
     }
-    Ok(())
 }

@@ -8,4 +8,4 @@ mod state;
 
 pub use pool::{ConnPool, PooledConn, SendError, UpstreamBody};
 pub use registry::Registry;
-pub use state::{BackendState, BackendStatus, InFlightGuard, UpgradeGuard};
+pub use state::{BackendState, BackendStatus, Drain, DrainOutcome, InFlightGuard, UpgradeGuard};

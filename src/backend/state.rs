@@ -4,11 +4,15 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use std::sync::Mutex;
+use std::time::Instant;
+
 use tokio::sync::{watch, Notify};
 
 use super::pool::ConnPool;
 
-/// Where a backend is in its life: Active → Draining → Retired (sozu's `BackendStatus`).
+/// Where a backend is in its life: Active → Draining → Retired when removed from the config, or
+/// Active → Draining → Drained when drained at runtime (sozu's `BackendStatus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendStatus {
@@ -16,7 +20,9 @@ pub enum BackendStatus {
     Active,
     /// Takes no new requests (sticky clients aside, see `drain_sticky`); in-flight work finishes.
     Draining,
-    /// Drained: nothing in flight, released from the registry.
+    /// Drained at runtime and still in the config: takes no work until undrained.
+    Drained,
+    /// Removed from the config and drained: released from the registry.
     Retired,
 }
 
@@ -25,6 +31,7 @@ impl BackendStatus {
         match v {
             0 => BackendStatus::Active,
             1 => BackendStatus::Draining,
+            2 => BackendStatus::Drained,
             _ => BackendStatus::Retired,
         }
     }
@@ -38,11 +45,16 @@ pub struct BackendState {
     status: AtomicU8,
     in_flight: AtomicU64,
     upgraded: AtomicU64,
+    upgrades: AtomicU64,
     requests: AtomicU64,
     /// Woken whenever in-flight or upgraded counts drop, so a drain can notice zero.
     quiet: Notify,
     /// Flipped to true to cut upgraded connections at a drain deadline.
     cut: watch::Sender<bool>,
+    /// Upgraded connections cut by a drain deadline since the process started.
+    upgraded_cut: AtomicU64,
+    /// The drain under way, if any.
+    drain: Mutex<Option<Drain>>,
     /// Idle keep-alive connections to this backend.
     pub pool: ConnPool,
 }
@@ -55,9 +67,12 @@ impl BackendState {
             status: AtomicU8::new(BackendStatus::Active as u8),
             in_flight: AtomicU64::new(0),
             upgraded: AtomicU64::new(0),
+            upgrades: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             quiet: Notify::new(),
             cut: watch::channel(false).0,
+            upgraded_cut: AtomicU64::new(0),
+            drain: Mutex::new(None),
             pool: ConnPool::new(address),
         })
     }
@@ -87,6 +102,31 @@ impl BackendState {
         if status == BackendStatus::Active {
             self.cut.send_replace(false);
         }
+        // Wake drain waiters so they notice a drain that was called off.
+        self.quiet.notify_waiters();
+    }
+
+    /// The drain under way, if any.
+    pub fn drain(&self) -> Option<Drain> {
+        self.drain.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set_drain(&self, drain: Option<Drain>) {
+        *self.drain.lock().unwrap_or_else(|e| e.into_inner()) = drain;
+    }
+
+    /// Requests finished since the process started (sent minus still in flight).
+    pub fn completed(&self) -> u64 {
+        self.requests().saturating_sub(self.in_flight())
+    }
+
+    /// Upgraded connections cut by drain deadlines since the process started.
+    pub fn upgraded_cut(&self) -> u64 {
+        self.upgraded_cut.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_cut(&self) {
+        self.upgraded_cut.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Requests in flight (headers sent, response body not yet finished).
@@ -97,6 +137,11 @@ impl BackendState {
     /// Upgraded connections (WebSocket and others) open through this backend.
     pub fn upgraded(&self) -> u64 {
         self.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// Upgraded connections opened through this backend since the process started.
+    pub fn upgrades(&self) -> u64 {
+        self.upgrades.load(Ordering::Relaxed)
     }
 
     /// Requests sent here since the process started.
@@ -116,23 +161,30 @@ impl BackendState {
     /// Counts an upgraded connection until the returned guard is dropped.
     pub fn start_upgrade(self: &Arc<Self>) -> UpgradeGuard {
         self.upgraded.fetch_add(1, Ordering::Relaxed);
+        self.upgrades.fetch_add(1, Ordering::Relaxed);
         UpgradeGuard {
             state: Arc::clone(self),
         }
     }
 
-    /// Resolves once nothing is in flight and no upgraded connection is open.
-    pub async fn wait_quiet(&self) {
+    /// Resolves once `done(self)` holds, re-checking whenever work is released or the status
+    /// changes.
+    pub async fn wait_until(&self, done: impl Fn(&Self) -> bool) {
         loop {
             let notified = self.quiet.notified();
             tokio::pin!(notified);
-            // Register before checking, so a drop between the check and the await is not missed.
+            // Register before checking, so a release between the check and the await is not missed.
             notified.as_mut().enable();
-            if self.in_flight() == 0 && self.upgraded() == 0 {
+            if done(self) {
                 return;
             }
             notified.await;
         }
+    }
+
+    /// Whether nothing is in flight and no upgraded connection is open.
+    pub fn is_quiet(&self) -> bool {
+        self.in_flight() == 0 && self.upgraded() == 0
     }
 
     /// A receiver that turns true when upgraded connections must be cut.
@@ -150,6 +202,44 @@ impl BackendState {
             self.quiet.notify_waiters();
         }
     }
+}
+
+/// A drain under way: when it started and must end, and what was open when it started.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    /// When the drain started.
+    pub started: Instant,
+    /// When upgraded connections still open are cut.
+    pub deadline: Instant,
+    /// Whether the backend left the config (→ Retired) or was drained at runtime (→ Drained).
+    pub removed: bool,
+    /// `completed()` when the drain started.
+    pub completed_at_start: u64,
+    /// `upgraded_cut()` when the drain started.
+    pub cut_at_start: u64,
+    /// `upgrades()` when the drain started.
+    pub upgrades_at_start: u64,
+    /// Upgraded connections open when the drain started.
+    pub upgraded_at_start: u64,
+    /// Turns to `Some` when the drain ends.
+    pub done: watch::Receiver<Option<DrainOutcome>>,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DrainOutcome {
+    /// `drained` (nothing left in flight) or `deadline` (the timeout cut what was left).
+    pub end: &'static str,
+    /// Requests that completed while draining.
+    pub requests_finished: u64,
+    /// Requests still in flight at the deadline (left to their own timeouts).
+    pub requests_unfinished: u64,
+    /// Upgraded connections that closed by themselves while draining.
+    pub upgraded_finished: u64,
+    /// Upgraded connections cut at the deadline.
+    pub upgraded_cut: u64,
+    /// How long the drain took, in seconds.
+    pub seconds: f64,
 }
 
 /// Holds one in-flight request against a backend; released when dropped.
@@ -176,6 +266,13 @@ impl Drop for InFlightGuard {
 #[derive(Debug)]
 pub struct UpgradeGuard {
     state: Arc<BackendState>,
+}
+
+impl UpgradeGuard {
+    /// The backend this connection goes to.
+    pub fn backend(&self) -> &Arc<BackendState> {
+        &self.state
+    }
 }
 
 impl Drop for UpgradeGuard {

@@ -137,11 +137,16 @@ async fn forward(
                 if switching {
                     if let Some(client_upgrade) = client_upgrade {
                         let backend_upgrade = hyper::upgrade::on(&mut response);
+                        let websocket = response
+                            .headers()
+                            .get(header::UPGRADE)
+                            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
                         let upgrade_guard = member.state.start_upgrade();
                         let cut = member.state.cut_signal();
                         tokio::spawn(tunnel::run(
                             client_upgrade,
                             backend_upgrade,
+                            websocket,
                             upgrade_guard,
                             cut,
                         ));

@@ -15,12 +15,23 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::proxy::{self, ConnInfo};
 use crate::state::Shared;
 
 /// Most concurrent HTTP/2 streams per client connection.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// What a listening socket serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Role {
+    /// Client traffic, proxied.
+    Proxy,
+    /// The admin API.
+    Admin,
+}
 
 /// A bound listener and the token that stops its accept loop.
 #[derive(Debug)]
@@ -33,22 +44,29 @@ struct Listener {
 #[derive(Debug)]
 pub struct Server {
     shared: Arc<Shared>,
-    listeners: Mutex<BTreeMap<SocketAddr, Listener>>,
+    /// Keyed by role and *configured* address, so a reload keeps listeners whose line stayed.
+    listeners: Mutex<BTreeMap<(Role, SocketAddr), Listener>>,
     shutdown: CancellationToken,
     connections: TaskTracker,
+    metrics: Metrics,
+    /// Reloads (and snapshot refreshes after a drain) happen one at a time.
+    pub(crate) reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl Server {
-    /// Binds every listener of `config` and starts serving. Fails, binding nothing, if any address
-    /// cannot be bound.
+    /// Binds every listener of `config` (and the admin listener) and starts serving. Fails,
+    /// binding nothing, if any address cannot be bound.
     pub async fn start(config: Config) -> std::io::Result<Arc<Server>> {
-        let addresses: Vec<SocketAddr> = config.listeners.iter().map(|l| l.listen).collect();
-        let bound = bind_all(&addresses).await?;
+        let bound = bind_all(&wanted_listeners(&config)).await?;
+        let metrics = Metrics::new();
+        metrics.reload_succeeded();
         let server = Arc::new(Server {
             shared: Shared::new(config),
             listeners: Mutex::new(BTreeMap::new()),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
+            metrics,
+            reload_lock: tokio::sync::Mutex::new(()),
         });
         server.adopt_listeners(bound);
         Ok(server)
@@ -59,7 +77,17 @@ impl Server {
         &self.shared
     }
 
-    /// The bound address of each listener, in the config's order (useful with port 0).
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Cancelled when the server shuts down.
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// The bound address of each proxy listener, in the config's order (useful with port 0).
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let snapshot = self.shared.snapshot.load();
@@ -67,19 +95,64 @@ impl Server {
             .config
             .listeners
             .iter()
-            .filter_map(|l| listeners.get(&l.listen).map(|b| b.local))
+            .filter_map(|l| listeners.get(&(Role::Proxy, l.listen)).map(|b| b.local))
             .collect()
     }
 
-    /// Starts accept loops for freshly bound listeners.
-    fn adopt_listeners(self: &Arc<Self>, bound: Vec<(SocketAddr, TcpListener)>) {
+    /// The bound address of the admin listener, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshot = self.shared.snapshot.load();
+        let admin = snapshot.config.admin.as_ref()?;
+        listeners.get(&(Role::Admin, admin.listen)).map(|b| b.local)
+    }
+
+    /// Binds the listeners `config` wants that are not open yet; all or nothing.
+    pub(crate) async fn bind_new_listeners(
+        &self,
+        config: &Config,
+    ) -> std::io::Result<Vec<((Role, SocketAddr), TcpListener)>> {
+        let missing: Vec<(Role, SocketAddr)> = {
+            let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            wanted_listeners(config)
+                .into_iter()
+                .filter(|key| !listeners.contains_key(key))
+                .collect()
+        };
+        bind_all(&missing).await
+    }
+
+    /// Stops the listeners the current snapshot's config no longer names.
+    pub(crate) fn stop_removed_listeners(&self) {
+        let wanted = wanted_listeners(&self.shared.snapshot.load().config);
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        for (configured, listener) in bound {
-            let local = listener.local_addr().unwrap_or(configured);
+        listeners.retain(|key, listener| {
+            let keep = wanted.contains(key);
+            if !keep {
+                tracing::info!(listen = %listener.local, "listener closed");
+                listener.stop.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Starts accept loops for freshly bound listeners.
+    pub(crate) fn adopt_listeners(self: &Arc<Self>, bound: Vec<((Role, SocketAddr), TcpListener)>) {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, listener) in bound {
+            let local = listener.local_addr().unwrap_or(key.1);
             let stop = self.shutdown.child_token();
-            tracing::info!(listen = %local, "listening");
-            tokio::spawn(Arc::clone(self).accept_loop(listener, stop.clone()));
-            listeners.insert(configured, Listener { local, stop });
+            match key.0 {
+                Role::Proxy => {
+                    tracing::info!(listen = %local, "listening");
+                    tokio::spawn(Arc::clone(self).accept_loop(listener, stop.clone()));
+                }
+                Role::Admin => {
+                    tracing::info!(admin = %local, "admin listening");
+                    tokio::spawn(admin::serve(Arc::clone(self), listener, stop.clone()));
+                }
+            }
+            listeners.insert(key, Listener { local, stop });
         }
     }
 
@@ -156,14 +229,27 @@ impl Server {
     }
 }
 
+/// Every listener a config asks for.
+fn wanted_listeners(config: &Config) -> Vec<(Role, SocketAddr)> {
+    config
+        .listeners
+        .iter()
+        .map(|l| (Role::Proxy, l.listen))
+        .chain(config.admin.iter().map(|a| (Role::Admin, a.listen)))
+        .collect()
+}
+
 /// Binds every address, or none: a failure drops what was already bound.
-async fn bind_all(addresses: &[SocketAddr]) -> std::io::Result<Vec<(SocketAddr, TcpListener)>> {
-    let mut bound = Vec::with_capacity(addresses.len());
-    for &address in addresses {
+async fn bind_all(
+    keys: &[(Role, SocketAddr)],
+) -> std::io::Result<Vec<((Role, SocketAddr), TcpListener)>> {
+    let mut bound = Vec::with_capacity(keys.len());
+    for &key in keys {
+        let address = key.1;
         let listener = TcpListener::bind(address).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
         })?;
-        bound.push((address, listener));
+        bound.push((key, listener));
     }
     Ok(bound)
 }

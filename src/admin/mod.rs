@@ -1,0 +1,270 @@
+//! The admin listener: `GET /status`, `POST /reload`, runtime drain and undrain of a backend, and
+//! `GET /metrics`. State-changing endpoints accept only POST.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{BackendState, BackendStatus};
+use crate::drain;
+use crate::reload::ReloadError;
+use crate::server::Server;
+use crate::state::Snapshot;
+
+/// Accepts admin connections until `stop` is cancelled.
+pub(crate) async fn serve(server: Arc<Server>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let server = Arc::clone(&server);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let server = Arc::clone(&server);
+                async move { Ok::<_, Infallible>(handle(&server, request).await) }
+            });
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+async fn handle(server: &Arc<Server>, request: Request<Incoming>) -> AdminResponse {
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let method = request.method().clone();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["status"] => only(&method, Method::GET, || {
+            json_response(StatusCode::OK, &status(&server.shared().snapshot.load()))
+        }),
+        ["metrics"] => only(&method, Method::GET, || {
+            let mut response = Response::new(Full::new(Bytes::from(server.metrics().render())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
+        }),
+        ["reload"] => {
+            if method != Method::POST {
+                return method_not_allowed("POST");
+            }
+            match server.reload_from_file().await {
+                Ok(report) => json_response(
+                    StatusCode::OK,
+                    &json!({ "ok": true, "summary": report.to_string(), "changes": report }),
+                ),
+                Err(error) => {
+                    let status = match error {
+                        ReloadError::Config(_) => StatusCode::BAD_REQUEST,
+                        ReloadError::Bind { .. } => StatusCode::CONFLICT,
+                    };
+                    json_response(status, &json!({ "ok": false, "error": error.to_string() }))
+                }
+            }
+        }
+        ["pools", pool, "backends", address, action @ ("drain" | "undrain")] => {
+            if method != Method::POST {
+                return method_not_allowed("POST");
+            }
+            runtime_drain(server, pool, address, action, &query).await
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+async fn runtime_drain(
+    server: &Arc<Server>,
+    pool_name: &str,
+    address: &str,
+    action: &str,
+    query: &str,
+) -> AdminResponse {
+    let snapshot = server.shared().snapshot.load_full();
+    let Some(pool) = snapshot.pool(pool_name) else {
+        return text(StatusCode::NOT_FOUND, "no such pool\n");
+    };
+    let address = address.replace("%5B", "[").replace("%5D", "]");
+    let Ok(address) = address.parse::<SocketAddr>() else {
+        return text(StatusCode::BAD_REQUEST, "backend must be IP:port\n");
+    };
+    let Some(member) = pool.members.iter().find(|m| m.spec.address == address) else {
+        return text(StatusCode::NOT_FOUND, "no such backend in this pool\n");
+    };
+    let state = Arc::clone(&member.state);
+    if action == "undrain" {
+        if state.drain().is_some_and(|d| d.removed) || state.status() == BackendStatus::Retired {
+            return text(
+                StatusCode::CONFLICT,
+                "backend was removed from the config; add it back to proxy.toml instead\n",
+            );
+        }
+        drain::cancel(&state);
+        return json_response(StatusCode::OK, &backend_json(&state, member.spec.weight));
+    }
+    let wait = match parse_wait(query) {
+        Ok(wait) => wait,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    if state.status() == BackendStatus::Drained {
+        return json_response(StatusCode::OK, &backend_json(&state, member.spec.weight));
+    }
+    let started = drain::start(
+        &state,
+        pool.config.drain_timeout,
+        false,
+        server.drain_end_hook(),
+    );
+    let mut done = started.done.clone();
+    let finished = match wait {
+        Some(wait) => tokio::time::timeout(wait, done.wait_for(|d| d.is_some()))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|d| d.clone())),
+        None => None,
+    };
+    match finished {
+        Some(outcome) => json_response(
+            StatusCode::OK,
+            &json!({ "address": address, "state": state.status(), "drain": outcome }),
+        ),
+        None => json_response(
+            StatusCode::ACCEPTED,
+            &backend_json(&state, member.spec.weight),
+        ),
+    }
+}
+
+fn parse_wait(query: &str) -> Result<Option<Duration>, &'static str> {
+    for pair in query.split('&') {
+        if let Some(value) = pair.strip_prefix("wait=") {
+            return humantime::parse_duration(value)
+                .map(Some)
+                .map_err(|_| "wait must be a duration such as 30s\n");
+        }
+    }
+    Ok(None)
+}
+
+/// The `/status` document.
+#[derive(Debug, Serialize)]
+struct Status {
+    pools: Vec<PoolStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct PoolStatus {
+    name: String,
+    strategy: &'static str,
+    backends: Vec<serde_json::Value>,
+}
+
+fn status(snapshot: &Snapshot) -> Status {
+    Status {
+        pools: snapshot
+            .pools
+            .iter()
+            .map(|pool| PoolStatus {
+                name: pool.name().to_owned(),
+                strategy: pool.config.strategy.as_str(),
+                backends: pool
+                    .members
+                    .iter()
+                    .map(|m| backend_json(&m.state, m.spec.weight))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn backend_json(state: &BackendState, weight: u32) -> serde_json::Value {
+    let drain = state.drain();
+    json!({
+        "address": state.address(),
+        "weight": weight,
+        "state": state.status(),
+        "in_flight": state.in_flight(),
+        "upgraded": state.upgraded(),
+        "requests": state.requests(),
+        "drain_removed": drain.as_ref().map(|d| d.removed),
+        "drain_time_left_s": drain
+            .as_ref()
+            .map(|d| d.deadline.saturating_duration_since(Instant::now()).as_secs_f64()),
+    })
+}
+
+fn only(
+    method: &Method,
+    allowed: Method,
+    respond: impl FnOnce() -> AdminResponse,
+) -> AdminResponse {
+    if *method == allowed {
+        respond()
+    } else if allowed == Method::GET {
+        method_not_allowed("GET")
+    } else {
+        method_not_allowed("POST")
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> AdminResponse {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> AdminResponse {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json_response(status: StatusCode, value: &impl Serialize) -> AdminResponse {
+    let body = serde_json::to_vec_pretty(value).expect("status documents serialise");
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

@@ -1,0 +1,131 @@
+//! Draining: a backend stops taking new work (sticky clients aside, per `drain_sticky`), its idle
+//! connections close, in-flight requests finish, and upgraded connections are cut at the deadline.
+//! Then it is Retired (removed from the config: released) or Drained (runtime drain: kept, out of
+//! rotation until undrained).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::backend::{BackendState, BackendStatus, Drain, DrainOutcome};
+
+/// How long cut upgraded connections get to close (a WebSocket finishes its frame and says 1001).
+const CUT_GRACE: Duration = Duration::from_secs(2);
+
+/// Starts draining `state` unless a drain is already under way (a removal then upgrades a runtime
+/// drain, keeping its deadline). `on_end` runs once the drain has ended, with its outcome.
+pub fn start<F>(state: &Arc<BackendState>, timeout: Duration, removed: bool, on_end: F) -> Drain
+where
+    F: FnOnce(&Arc<BackendState>, &DrainOutcome) + Send + 'static,
+{
+    if let Some(mut drain) = state.drain() {
+        if removed && !drain.removed {
+            drain.removed = true;
+            state.set_drain(Some(drain.clone()));
+        }
+        return drain;
+    }
+    let (done_tx, done_rx) = watch::channel(None);
+    let now = Instant::now();
+    let drain = Drain {
+        started: now,
+        deadline: now + timeout,
+        removed,
+        completed_at_start: state.completed(),
+        cut_at_start: state.upgraded_cut(),
+        upgrades_at_start: state.upgrades(),
+        upgraded_at_start: state.upgraded(),
+        done: done_rx,
+    };
+    state.set_drain(Some(drain.clone()));
+    state.set_status(BackendStatus::Draining);
+    // No new request will reuse them; closing them now frees the backend's sockets.
+    state.pool.clear();
+    tracing::info!(
+        backend = %state.address(),
+        in_flight = state.in_flight(),
+        upgraded = state.upgraded(),
+        timeout_s = timeout.as_secs_f64(),
+        removed,
+        "drain started"
+    );
+    tokio::spawn(run(Arc::clone(state), drain.clone(), done_tx, on_end));
+    drain
+}
+
+/// Calls off a drain: the backend is active again with its state intact.
+pub fn cancel(state: &BackendState) {
+    if matches!(
+        state.status(),
+        BackendStatus::Draining | BackendStatus::Drained
+    ) {
+        state.set_status(BackendStatus::Active);
+        state.set_drain(None);
+        tracing::info!(backend = %state.address(), "drain called off; backend active");
+    }
+}
+
+async fn run<F>(
+    state: Arc<BackendState>,
+    drain: Drain,
+    done: watch::Sender<Option<DrainOutcome>>,
+    on_end: F,
+) where
+    F: FnOnce(&Arc<BackendState>, &DrainOutcome) + Send + 'static,
+{
+    let still_draining = |s: &BackendState| s.status() == BackendStatus::Draining;
+    let hit_deadline = tokio::select! {
+        _ = state.wait_until(|s| !still_draining(s) || s.is_quiet()) => false,
+        _ = tokio::time::sleep_until(drain.deadline.into()) => true,
+    };
+    if !still_draining(&state) {
+        done.send_replace(Some(outcome(&state, &drain, "cancelled")));
+        return;
+    }
+    if hit_deadline {
+        state.cut_upgraded();
+        let _ = tokio::time::timeout(
+            CUT_GRACE,
+            state.wait_until(|s| s.upgraded() == 0 || !still_draining(s)),
+        )
+        .await;
+    }
+    let result = outcome(
+        &state,
+        &drain,
+        if hit_deadline { "deadline" } else { "drained" },
+    );
+    let removed = state.drain().is_some_and(|d| d.removed);
+    state.set_drain(None);
+    state.set_status(if removed {
+        BackendStatus::Retired
+    } else {
+        BackendStatus::Drained
+    });
+    tracing::info!(
+        backend = %state.address(),
+        end = result.end,
+        requests_finished = result.requests_finished,
+        requests_unfinished = result.requests_unfinished,
+        upgraded_finished = result.upgraded_finished,
+        upgraded_cut = result.upgraded_cut,
+        seconds = result.seconds,
+        "drain ended"
+    );
+    on_end(&state, &result);
+    done.send_replace(Some(result));
+}
+
+fn outcome(state: &BackendState, drain: &Drain, end: &'static str) -> DrainOutcome {
+    let cut = state.upgraded_cut() - drain.cut_at_start;
+    let opened = drain.upgraded_at_start + (state.upgrades() - drain.upgrades_at_start);
+    DrainOutcome {
+        end,
+        requests_finished: state.completed().saturating_sub(drain.completed_at_start),
+        requests_unfinished: state.in_flight(),
+        upgraded_finished: opened.saturating_sub(state.upgraded() + cut),
+        upgraded_cut: cut,
+        seconds: drain.started.elapsed().as_secs_f64(),
+    }
+}

@@ -1,0 +1,80 @@
+//! Metric names and handles in one place, registered in one Prometheus registry per server.
+
+use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// The server's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `switchyard_config_reloads_total{result}`: `ok` or `error`.
+    pub reloads: IntCounterVec,
+    /// `switchyard_config_last_reload_success_timestamp_seconds`.
+    pub last_reload_success: IntGauge,
+    /// `switchyard_backend_drains_total{end}`: `drained`, `deadline` or `cancelled`.
+    pub drains: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "switchyard_config_reloads_total",
+                "Config reloads by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let last_reload_success = IntGauge::new(
+            "switchyard_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load.",
+        )
+        .expect("valid metric");
+        let drains = IntCounterVec::new(
+            Opts::new(
+                "switchyard_backend_drains_total",
+                "Backend drains ended, by how they ended.",
+            ),
+            &["end"],
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(last_reload_success.clone()),
+            Box::new(drains.clone()),
+        ] {
+            registry.register(collector).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            reloads,
+            last_reload_success,
+            drains,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding to a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+
+    /// Records that a config was loaded successfully now.
+    pub fn reload_succeeded(&self) {
+        self.reloads.with_label_values(&["ok"]).inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.last_reload_success.set(now);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

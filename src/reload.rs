@@ -1,0 +1,416 @@
+//! Reloads: a trigger (file change, SIGHUP, `POST /reload`) → load → validate → reconcile → store.
+//! Only a valid config whose new listeners could all be bound is swapped in; anything else changes
+//! nothing. Backends that leave every pool are drained; backends that come back are active again
+//! with their live state intact.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::backend::{BackendState, BackendStatus, DrainOutcome};
+use crate::config::{Config, ConfigErrors};
+use crate::drain;
+use crate::server::Server;
+use crate::state::Snapshot;
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file is not a valid config.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// A new listen address could not be bound.
+    #[error("{path}: {source}")]
+    Bind {
+        /// The config file.
+        path: PathBuf,
+        /// The bind error (it names the address).
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A backend of a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolBackend {
+    /// The pool's name.
+    pub pool: String,
+    /// The backend's address.
+    pub address: SocketAddr,
+}
+
+/// A backend whose weight changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reweight {
+    /// The pool's name.
+    pub pool: String,
+    /// The backend's address.
+    pub address: SocketAddr,
+    /// The old weight.
+    pub from: u32,
+    /// The new weight.
+    pub to: u32,
+}
+
+/// A pool whose strategy changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StrategyChange {
+    /// The pool's name.
+    pub pool: String,
+    /// The old strategy.
+    pub from: &'static str,
+    /// The new strategy.
+    pub to: &'static str,
+}
+
+/// What a reload changes, computed from two configs alone (so `check --diff` can print it before
+/// anything is applied).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReloadReport {
+    /// Pools only in the new config.
+    pub pools_added: Vec<String>,
+    /// Pools only in the old config.
+    pub pools_removed: Vec<String>,
+    /// Backends new to a pool.
+    pub backends_added: Vec<PoolBackend>,
+    /// Backends gone from a pool.
+    pub backends_removed: Vec<PoolBackend>,
+    /// Backends whose weight changed.
+    pub reweighted: Vec<Reweight>,
+    /// Pools whose strategy changed.
+    pub strategy_changed: Vec<StrategyChange>,
+    /// Addresses gone from every pool: they drain.
+    pub draining: Vec<SocketAddr>,
+    /// Listener addresses added.
+    pub listeners_added: Vec<SocketAddr>,
+    /// Listener addresses removed.
+    pub listeners_removed: Vec<SocketAddr>,
+    /// Whether `[[routes]]` changed.
+    pub routes_changed: bool,
+    /// Whether anything else changed (timeouts, cookie settings, admin, drain settings...).
+    pub other_changes: bool,
+}
+
+impl ReloadReport {
+    /// The changes from `old` to `new`.
+    pub fn between(old: &Config, new: &Config) -> Self {
+        let mut report = ReloadReport::default();
+        for name in new.pools.keys().filter(|n| !old.pools.contains_key(*n)) {
+            report.pools_added.push(name.clone());
+        }
+        for name in old.pools.keys().filter(|n| !new.pools.contains_key(*n)) {
+            report.pools_removed.push(name.clone());
+        }
+        let empty = Vec::new();
+        let names: BTreeSet<&String> = old.pools.keys().chain(new.pools.keys()).collect();
+        for name in names {
+            let old_pool = old.pools.get(name);
+            let new_pool = new.pools.get(name);
+            let old_backends = old_pool.map_or(&empty, |p| &p.backends);
+            let new_backends = new_pool.map_or(&empty, |p| &p.backends);
+            let old_weights: BTreeMap<SocketAddr, u32> =
+                old_backends.iter().map(|b| (b.address, b.weight)).collect();
+            let new_weights: BTreeMap<SocketAddr, u32> =
+                new_backends.iter().map(|b| (b.address, b.weight)).collect();
+            for (&address, &to) in &new_weights {
+                match old_weights.get(&address) {
+                    None => report.backends_added.push(PoolBackend {
+                        pool: name.clone(),
+                        address,
+                    }),
+                    Some(&from) if from != to => report.reweighted.push(Reweight {
+                        pool: name.clone(),
+                        address,
+                        from,
+                        to,
+                    }),
+                    Some(_) => {}
+                }
+            }
+            for &address in old_weights.keys().filter(|a| !new_weights.contains_key(a)) {
+                report.backends_removed.push(PoolBackend {
+                    pool: name.clone(),
+                    address,
+                });
+            }
+            if let (Some(o), Some(n)) = (old_pool, new_pool) {
+                if o.strategy != n.strategy {
+                    report.strategy_changed.push(StrategyChange {
+                        pool: name.clone(),
+                        from: o.strategy.as_str(),
+                        to: n.strategy.as_str(),
+                    });
+                }
+                let mut o = o.clone();
+                o.backends.clone_from(&n.backends);
+                o.strategy = n.strategy;
+                report.other_changes |= o != *n;
+            }
+        }
+        let new_addresses = all_backends(new);
+        report.draining = all_backends(old)
+            .into_iter()
+            .filter(|a| !new_addresses.contains(a))
+            .collect();
+        let old_listen: BTreeSet<SocketAddr> = old.listeners.iter().map(|l| l.listen).collect();
+        let new_listen: BTreeSet<SocketAddr> = new.listeners.iter().map(|l| l.listen).collect();
+        report.listeners_added = new_listen.difference(&old_listen).copied().collect();
+        report.listeners_removed = old_listen.difference(&new_listen).copied().collect();
+        report.routes_changed = old.routes != new.routes;
+        report.other_changes |= old.timeouts != new.timeouts || old.admin != new.admin;
+        report
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        *self == ReloadReport::default()
+    }
+}
+
+fn all_backends(config: &Config) -> BTreeSet<SocketAddr> {
+    config
+        .pools
+        .values()
+        .flat_map(|p| p.backends.iter().map(|b| b.address))
+        .collect()
+}
+
+impl fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("no changes");
+        }
+        let mut parts: Vec<String> = Vec::new();
+        let list = |items: Vec<String>| items.join(", ");
+        if !self.pools_added.is_empty() {
+            parts.push(format!("pools added: {}", self.pools_added.join(", ")));
+        }
+        if !self.pools_removed.is_empty() {
+            parts.push(format!("pools removed: {}", self.pools_removed.join(", ")));
+        }
+        let pb = |v: &[PoolBackend]| {
+            list(
+                v.iter()
+                    .map(|b| format!("{} {}", b.pool, b.address))
+                    .collect(),
+            )
+        };
+        if !self.backends_added.is_empty() {
+            parts.push(format!("backends added: {}", pb(&self.backends_added)));
+        }
+        if !self.backends_removed.is_empty() {
+            parts.push(format!("backends removed: {}", pb(&self.backends_removed)));
+        }
+        if !self.draining.is_empty() {
+            parts.push(format!(
+                "draining: {}",
+                list(self.draining.iter().map(|a| a.to_string()).collect())
+            ));
+        }
+        if !self.reweighted.is_empty() {
+            parts.push(format!(
+                "re-weighted: {}",
+                list(
+                    self.reweighted
+                        .iter()
+                        .map(|r| format!("{} {} {}→{}", r.pool, r.address, r.from, r.to))
+                        .collect()
+                )
+            ));
+        }
+        if !self.strategy_changed.is_empty() {
+            parts.push(format!(
+                "strategy: {}",
+                list(
+                    self.strategy_changed
+                        .iter()
+                        .map(|s| format!("{} {}→{}", s.pool, s.from, s.to))
+                        .collect()
+                )
+            ));
+        }
+        let addrs = |v: &[SocketAddr]| list(v.iter().map(|a| a.to_string()).collect());
+        if !self.listeners_added.is_empty() {
+            parts.push(format!("listeners added: {}", addrs(&self.listeners_added)));
+        }
+        if !self.listeners_removed.is_empty() {
+            parts.push(format!(
+                "listeners removed: {}",
+                addrs(&self.listeners_removed)
+            ));
+        }
+        if self.routes_changed {
+            parts.push("routes changed".to_owned());
+        }
+        if self.other_changes {
+            parts.push("settings changed".to_owned());
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+impl Server {
+    /// Reads the config file the server runs with (or was last reloaded from) and applies it.
+    pub async fn reload_from_file(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
+        let path = self.shared().snapshot.load().config.path.clone();
+        match Config::load(&path) {
+            Ok(config) => self.reload(config).await,
+            Err(errors) => {
+                self.metrics().reloads.with_label_values(&["error"]).inc();
+                tracing::error!(
+                    "config reload failed, still serving the last good config:\n{errors}"
+                );
+                Err(ReloadError::Config(errors))
+            }
+        }
+    }
+
+    /// Applies a validated config: binds new listeners (or fails, changing nothing), drains
+    /// backends that left every pool, re-activates ones that came back, swaps the snapshot, then
+    /// stops listeners that were removed.
+    pub async fn reload(self: &Arc<Self>, config: Config) -> Result<ReloadReport, ReloadError> {
+        let _serialised = self.reload_lock.lock().await;
+        let old = self.shared().snapshot.load_full();
+        let report = ReloadReport::between(&old.config, &config);
+        let path = config.path.clone();
+        let bind_error = |source| ReloadError::Bind {
+            path: path.clone(),
+            source,
+        };
+        let new_listeners = match self.bind_new_listeners(&config).await {
+            Ok(bound) => bound,
+            Err(source) => {
+                self.metrics().reloads.with_label_values(&["error"]).inc();
+                let error = bind_error(source);
+                tracing::error!(%error, "config reload failed, still serving the last good config");
+                return Err(error);
+            }
+        };
+
+        let registry = &self.shared().registry;
+        for address in &report.draining {
+            let timeout = old
+                .config
+                .pools
+                .values()
+                .filter(|p| p.backends.iter().any(|b| b.address == *address))
+                .map(|p| p.drain_timeout)
+                .max()
+                .unwrap_or(Duration::from_secs(30));
+            if let Some(state) = registry.get(*address) {
+                drain::start(&state, timeout, true, self.drain_end_hook());
+            }
+        }
+        for address in all_backends(&config) {
+            if let Some(state) = registry.get(address) {
+                // Back in the config while draining out of it: active again, state intact. A
+                // runtime drain (operator's decision) is left as it is.
+                if state.drain().is_some_and(|d| d.removed) {
+                    drain::cancel(&state);
+                }
+            }
+        }
+
+        let snapshot = Snapshot::build(Arc::new(config), registry, Some(&old));
+        self.shared().snapshot.store(Arc::new(snapshot));
+        self.adopt_listeners(new_listeners);
+        self.stop_removed_listeners();
+        self.metrics().reload_succeeded();
+        tracing::info!(changes = %report, "config reloaded");
+        Ok(report)
+    }
+
+    /// Rebuilds the snapshot from the current config, dropping members whose drain has ended.
+    pub(crate) async fn refresh(&self) {
+        let _serialised = self.reload_lock.lock().await;
+        let old = self.shared().snapshot.load_full();
+        let snapshot =
+            Snapshot::build(Arc::clone(&old.config), &self.shared().registry, Some(&old));
+        self.shared().snapshot.store(Arc::new(snapshot));
+    }
+
+    /// What runs when a drain ends: count it, release a removed backend, drop it from the snapshot.
+    pub(crate) fn drain_end_hook(
+        self: &Arc<Self>,
+    ) -> impl FnOnce(&Arc<BackendState>, &DrainOutcome) + Send + 'static {
+        let server: Weak<Server> = Arc::downgrade(self);
+        move |state, outcome| {
+            let Some(server) = server.upgrade() else {
+                return;
+            };
+            server
+                .metrics()
+                .drains
+                .with_label_values(&[outcome.end])
+                .inc();
+            if state.status() == BackendStatus::Retired {
+                let registry = &server.shared().registry;
+                if registry
+                    .get(state.address())
+                    .is_some_and(|s| Arc::ptr_eq(&s, state))
+                {
+                    registry.remove(state.address());
+                }
+                let state = Arc::clone(state);
+                tokio::spawn(async move {
+                    server.refresh().await;
+                    drop(state);
+                });
+            }
+        }
+    }
+
+    /// Reloads whenever the config file changes on disk (debounced), until the server shuts down.
+    ///
+    /// The directory is watched, not the file, because editors and `kubectl` replace files by
+    /// renaming a new one over them.
+    pub fn watch_config_file(self: &Arc<Self>) -> notify::Result<()> {
+        use notify::{RecursiveMode, Watcher};
+        let path = self.shared().snapshot.load().config.path.clone();
+        let file_name = path.file_name().map(|n| n.to_owned());
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event {
+                    let ours = event
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().map(|n| n.to_owned()) == file_name);
+                    if ours && !event.kind.is_access() {
+                        let _ = tx.send(());
+                    }
+                }
+            })?;
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        let server = Arc::downgrade(self);
+        let stop = self.shutdown_token();
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    event = rx.recv() => if event.is_none() { return },
+                }
+                // Writers often touch the file several times; settle before reading it.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while rx.try_recv().is_ok() {}
+                let Some(server) = server.upgrade() else {
+                    return;
+                };
+                tracing::info!(path = %server.shared().snapshot.load().config.path.display(), "config file changed");
+                let _ = server.reload_from_file().await;
+            }
+        });
+        Ok(())
+    }
+}
