@@ -85,7 +85,10 @@ async fn twenty_reloads_under_load_lose_nothing() {
             .collect();
         let text = one_pool(STRATEGIES[round % 4], &members, "");
         write(dir.path(), &text);
-        let report = server.reload_from_file().await.expect("valid config reloads");
+        let report = server
+            .reload_from_file()
+            .await
+            .expect("valid config reloads");
         assert!(!report.is_empty(), "round {round} changed something");
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -96,10 +99,17 @@ async fn twenty_reloads_under_load_lose_nothing() {
         assert!(ok > 20, "every client kept succeeding throughout: {ok}");
         total += ok;
     }
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed requests during reloads");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "failed requests during reloads"
+    );
     assert!(total > 200, "load actually flowed: {total}");
     let metrics = server.metrics().render();
-    assert!(metrics.contains("switchyard_config_reloads_total{result=\"ok\"} 21"), "{metrics}");
+    assert!(
+        metrics.contains("switchyard_config_reloads_total{result=\"ok\"} 21"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -121,11 +131,21 @@ async fn in_flight_request_to_removed_backend_completes_and_no_new_work_reaches_
     let seen_by_a = apps[0].requests();
     for _ in 0..20 {
         let reply = get(proxy, "/", &[]).await;
-        assert_eq!((reply.status.as_u16(), reply.backend()), (200, "app2".to_owned()));
+        assert_eq!(
+            (reply.status.as_u16(), reply.backend()),
+            (200, "app2".to_owned())
+        );
     }
-    assert_eq!(apps[0].requests(), seen_by_a, "the removed backend got new requests");
+    assert_eq!(
+        apps[0].requests(),
+        seen_by_a,
+        "the removed backend got new requests"
+    );
     let slow = slow.await.unwrap();
-    assert_eq!((slow.status.as_u16(), slow.backend()), (200, "app1".to_owned()));
+    assert_eq!(
+        (slow.status.as_u16(), slow.backend()),
+        (200, "app1".to_owned())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,14 +170,23 @@ async fn invalid_config_mid_load_changes_nothing_and_is_reported() {
     let broken = one_pool("round_robin", &[(apps[1].addr(), 0)], "")
         .replace("strategy =", "stratgy = \"x\"\nstrategy =");
     write(dir.path(), &broken);
-    let error = server.reload_from_file().await.expect_err("broken config is refused");
+    let error = server
+        .reload_from_file()
+        .await
+        .expect_err("broken config is refused");
     let message = error.to_string();
     assert!(message.contains("proxy.toml:"), "{message}");
     assert!(message.contains("pools.app.stratgy"), "{message}");
     let statuses = load.await.unwrap();
-    assert!(statuses.iter().all(|(s, b)| *s == 200 && b == "app1"), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|(s, b)| *s == 200 && b == "app1"),
+        "{statuses:?}"
+    );
     let metrics = server.metrics().render();
-    assert!(metrics.contains("switchyard_config_reloads_total{result=\"error\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("switchyard_config_reloads_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
     assert_eq!(get(proxy, "/", &[]).await.backend(), "app1");
 }
 
@@ -181,19 +210,32 @@ async fn post_reload_on_admin_answers_with_the_changes() {
     let apps = apps(2).await;
     let dir = tempfile::tempdir().unwrap();
     let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
-    let path = write(dir.path(), &one_pool("round_robin", &[(apps[0].addr(), 1)], admin));
+    let path = write(
+        dir.path(),
+        &one_pool("round_robin", &[(apps[0].addr(), 1)], admin),
+    );
     let server = start_from(&path).await;
     let (proxy, admin_addr) = (server.listen_addrs()[0], server.admin_addr().unwrap());
     write(
         dir.path(),
-        &one_pool("least_connections", &[(apps[0].addr(), 3), (apps[1].addr(), 1)], admin),
+        &one_pool(
+            "least_connections",
+            &[(apps[0].addr(), 3), (apps[1].addr(), 1)],
+            admin,
+        ),
     );
     let reply = send(&client(), admin_addr, "POST", "/reload", &[], Bytes::new()).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
-    assert_eq!(json["changes"]["backends_added"][0]["address"], apps[1].addr().to_string());
+    assert_eq!(
+        json["changes"]["backends_added"][0]["address"],
+        apps[1].addr().to_string()
+    );
     assert_eq!(json["changes"]["reweighted"][0]["to"], 3);
-    assert_eq!(json["changes"]["strategy_changed"][0]["to"], "least_connections");
+    assert_eq!(
+        json["changes"]["strategy_changed"][0]["to"],
+        "least_connections"
+    );
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..8 {
         seen.insert(get(proxy, "/", &[]).await.backend());
@@ -214,12 +256,18 @@ async fn post_reload_on_admin_answers_with_the_changes() {
 async fn file_change_triggers_a_reload() {
     let apps = apps(2).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), &one_pool("round_robin", &[(apps[0].addr(), 1)], ""));
+    let path = write(
+        dir.path(),
+        &one_pool("round_robin", &[(apps[0].addr(), 1)], ""),
+    );
     let server = start_from(&path).await;
     server.watch_config_file().unwrap();
     let proxy = server.listen_addrs()[0];
     assert_eq!(get(proxy, "/", &[]).await.backend(), "app1");
-    write(dir.path(), &one_pool("round_robin", &[(apps[1].addr(), 1)], ""));
+    write(
+        dir.path(),
+        &one_pool("round_robin", &[(apps[1].addr(), 1)], ""),
+    );
     let mut backend = String::new();
     for _ in 0..100 {
         backend = get(proxy, "/", &[]).await.backend();
@@ -228,7 +276,10 @@ async fn file_change_triggers_a_reload() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(backend, "app2", "the file change was not picked up within 5s");
+    assert_eq!(
+        backend, "app2",
+        "the file change was not picked up within 5s"
+    );
 }
 
 #[test]
@@ -236,7 +287,10 @@ fn sighup_triggers_a_reload_of_the_binary() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let apps = rt.block_on(apps(2));
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), &one_pool("round_robin", &[(apps[0].addr(), 1)], ""));
+    let path = write(
+        dir.path(),
+        &one_pool("round_robin", &[(apps[0].addr(), 1)], ""),
+    );
     let process = ProxyProcess::start(&path);
     let proxy = process.addr;
     assert_eq!(rt.block_on(get(proxy, "/", &[])).backend(), "app1");
@@ -273,11 +327,18 @@ async fn listeners_are_added_and_removed_and_a_bad_address_changes_nothing() {
     let report = server.reload_from_file().await.unwrap();
     assert_eq!(report.listeners_added, vec![second]);
     assert_eq!(get(second, "/", &[]).await.status, 200);
-    assert_eq!(get(first, "/", &[]).await.status, 200, "the unchanged listener kept serving");
+    assert_eq!(
+        get(first, "/", &[]).await.status,
+        200,
+        "the unchanged listener kept serving"
+    );
 
     // An address that is taken: the reload fails and both listeners keep serving.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let three = format!("{two}\n[[listeners]]\nlisten = \"{}\"\n", taken.local_addr().unwrap());
+    let three = format!(
+        "{two}\n[[listeners]]\nlisten = \"{}\"\n",
+        taken.local_addr().unwrap()
+    );
     write(dir.path(), &three);
     let error = server.reload_from_file().await.expect_err("bind fails");
     assert!(error.to_string().contains("cannot listen on"), "{error}");
@@ -315,7 +376,10 @@ async fn live_state_survives_reloads_and_sticky_clients_stay_put() {
         assert!(reply.cookie("sy").is_none());
     }
     let state_after = server.shared().registry.get(apps[0].addr()).unwrap();
-    assert!(Arc::ptr_eq(&state_before, &state_after), "live state was rebuilt, not kept");
+    assert!(
+        Arc::ptr_eq(&state_before, &state_after),
+        "live state was rebuilt, not kept"
+    );
 }
 
 #[test]
@@ -337,6 +401,12 @@ fn check_diff_prints_the_changes_before_applying() {
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("draining: 127.0.0.1:9002"), "{stdout}");
-    assert!(stdout.contains("re-weighted: app 127.0.0.1:9001 1→2"), "{stdout}");
-    assert!(stdout.contains("strategy: app round_robin→cookie"), "{stdout}");
+    assert!(
+        stdout.contains("re-weighted: app 127.0.0.1:9001 1→2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("strategy: app round_robin→cookie"),
+        "{stdout}"
+    );
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderValue};
 
 pub use cookie::{CookieAffinity, TOKEN_COOKIE_VERSION};
-pub use ip_hash::IpHash;
+pub use ip_hash::{ip_key, IpHash};
 pub use least_connections::LeastConnections;
 pub use round_robin::RoundRobin;
 

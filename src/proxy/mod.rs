@@ -120,8 +120,14 @@ async fn forward(
     let mut upstream = upstream;
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     let mut attempts = 0;
+    let mut last_error = None;
     loop {
-        let choice = choose(pool, &facts, &tried[..attempts])?;
+        let choice = match (choose(pool, &facts, &tried[..attempts]), last_error) {
+            (Ok(choice), _) => choice,
+            // No other backend to retry on: the client hears why the one it had failed (502).
+            (Err(_), Some(error)) => return Err(error),
+            (Err(none_available), None) => return Err(none_available),
+        };
         let member = &pool.members[choice.index];
         log.backend = Some(member.spec.address);
         log.affinity = choice.affinity;
@@ -178,6 +184,7 @@ async fn forward(
                 }
                 tracing::debug!(error = %error, "retrying on another backend");
                 upstream = *request;
+                last_error = Some(error);
             }
             Err(SendError::Failed(error)) => return Err(error),
         }

@@ -5,17 +5,23 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use switchyard::config::Config;
 use switchyard::demo::AppServer;
 use switchyard::server::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Starts `n` app servers named app1..appN on ephemeral ports.
 pub async fn apps(n: usize) -> Vec<AppServer> {
@@ -38,8 +44,24 @@ pub fn backends(addrs: &[(SocketAddr, u32)]) -> String {
     format!("[{}]", items.join(", "))
 }
 
-/// A one-pool config on an ephemeral listener; `pool_extra` goes into `[pools.app]`, `tail` after.
+/// The cookie secret [`one_pool`] signs with.
+pub const SECRET: &str = "test-secret-0123456789";
+
+/// A one-pool config on an ephemeral listener, pool `app` with cookie `sy` signed by [`SECRET`];
+/// `tail` goes after the pool (e.g. `[timeouts]`).
 pub fn one_pool(strategy: &str, addrs: &[(SocketAddr, u32)], tail: &str) -> String {
+    pool_with(strategy, addrs, "", &format!("[\"{SECRET}\"]"), tail)
+}
+
+/// Like [`one_pool`], with `pool_extra` inside `[pools.app]` (e.g. `trusted_proxies = [...]`) and
+/// `secret` as the cookie table's `secret` value, written as TOML.
+pub fn pool_with(
+    strategy: &str,
+    addrs: &[(SocketAddr, u32)],
+    pool_extra: &str,
+    secret: &str,
+    tail: &str,
+) -> String {
     format!(
         r#"
 [[listeners]]
@@ -51,15 +73,21 @@ pool = "app"
 [pools.app]
 strategy = "{strategy}"
 backends = {backends}
+{pool_extra}
 
 [pools.app.cookie]
 name = "sy"
-secret = ["test-secret-0123456789"]
+secret = {secret}
 
 {tail}
 "#,
         backends = backends(addrs)
     )
+}
+
+/// Each app's address with weight 1.
+pub fn weight_one(apps: &[AppServer]) -> Vec<(SocketAddr, u32)> {
+    apps.iter().map(|a| (a.addr(), 1)).collect()
 }
 
 /// Parses and validates a config given as text.
@@ -126,9 +154,10 @@ pub async fn send(
         .body(Full::new(body))
         .unwrap();
     for (k, v) in headers {
-        request
-            .headers_mut()
-            .append(*k, HeaderValue::from_str(v).unwrap());
+        request.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
     }
     let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
         .await
@@ -179,7 +208,10 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts `switchyard --config <file>` and waits for it to log its listening address.
     pub fn start(config_path: &Path) -> ProxyProcess {
-        let stderr_path = config_path.with_extension("stderr");
+        // One log per process: two processes may share a config file.
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let stderr_path = config_path.with_extension(format!("{n}.stderr"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .arg("--config")
@@ -190,22 +222,28 @@ impl ProxyProcess {
             .stderr(stderr)
             .spawn()
             .expect("switchyard binary starts");
+        // Owned by the guard at once, so a timeout below kills and reaps it on the way out.
+        let mut process = ProxyProcess {
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            stderr_path,
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            let log = process.log();
             if let Some(addr) = log
                 .lines()
                 .find_map(|l| l.split("listen=").nth(1))
                 .and_then(|rest| rest.split_whitespace().next())
                 .and_then(|a| a.trim_matches(|c| c == '"').parse().ok())
             {
-                return ProxyProcess {
-                    child,
-                    addr,
-                    stderr_path,
-                };
+                process.addr = addr;
+                return process;
             }
-            assert!(std::time::Instant::now() < deadline, "no listening line in:\n{log}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no listening line in:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -231,4 +269,151 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Cookies a browser would keep: the last value `Set-Cookie` gave each name.
+#[derive(Debug, Default, Clone)]
+pub struct CookieJar {
+    cookies: Vec<(String, String)>,
+}
+
+impl CookieJar {
+    /// Takes every `Set-Cookie` of `reply`.
+    pub fn update(&mut self, reply: &Reply) {
+        for value in reply.headers.get_all("set-cookie") {
+            let pair = value.to_str().unwrap().split(';').next().unwrap();
+            let (name, value) = pair.split_once('=').unwrap();
+            self.set(name.trim(), value.trim());
+        }
+    }
+
+    /// Sets one cookie.
+    pub fn set(&mut self, name: &str, value: &str) {
+        match self.cookies.iter_mut().find(|(n, _)| n == name) {
+            Some(entry) => entry.1 = value.to_owned(),
+            None => self.cookies.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    /// The value of cookie `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.cookies
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The `Cookie` request header value.
+    pub fn header(&self) -> String {
+        let pairs: Vec<String> = self
+            .cookies
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        pairs.join("; ")
+    }
+}
+
+/// One HTTP/1.1 client connection to `addr`, for tests that care which connection carries what.
+pub async fn h1_connection<B>(addr: SocketAddr) -> SendRequest<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A request body fed chunk by chunk through a channel; sent chunked since its length is unknown.
+#[derive(Debug)]
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// Writes `request` as raw bytes on a new connection and reads until the server closes it.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .expect("the server answers and closes within 5s")
+        .unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A backend that answers every request head it reads with `response`, verbatim, keeping the
+/// connection open: for response headers the demo app never sends.
+pub async fn raw_backend(response: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    // Bodiless requests only: every head ends one request.
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        if s.write_all(response).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (a, task)
+}
+
+/// Polls `condition` every few milliseconds until it holds; panics naming `what` after 5 seconds.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Writes `text` to `name` in `dir` and returns the path.
+pub fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `switchyard check --config <path>`.
+pub fn run_check(path: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("switchyard binary runs")
 }

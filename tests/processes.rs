@@ -1,0 +1,48 @@
+//! The `switchyard` binary as a process: signals and exit codes.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::*;
+
+#[tokio::test]
+async fn sigterm_lets_the_in_flight_request_finish_and_exits_0() {
+    let apps = apps(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "proxy.toml",
+        &one_pool("round_robin", &weight_one(&apps), ""),
+    );
+    let mut process = ProxyProcess::start(&path);
+    let addr = process.addr;
+    let request = tokio::spawn(async move {
+        send(&client(), addr, "GET", "/sleep/1000", &[], Bytes::new()).await
+    });
+    wait_until("the request reaches the backend", || {
+        apps[0].in_flight() == 1
+    })
+    .await;
+
+    process.signal("TERM");
+    let reply = request.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "app1 visits=1\n");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still running after SIGTERM:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", process.log());
+    assert!(process.log().contains("shutting down"));
+}

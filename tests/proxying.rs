@@ -1,0 +1,254 @@
+//! What the proxy does to a request and its response on the way through: header rules, streaming,
+//! connection reuse, HTTP/2 from clients, malformed requests.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, Version};
+use http_body_util::{BodyExt, Empty};
+use support::*;
+
+#[tokio::test]
+async fn hop_by_hop_request_headers_do_not_reach_the_backend() {
+    let apps = apps(1).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let headers_seen = |addr| async move {
+        let mut conn = h1_connection::<Empty<Bytes>>(addr).await;
+        let request = Request::get("/headers")
+            .header("host", "hop.test")
+            .header("connection", "x-custom, keep-alive")
+            .header("x-custom", "1")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("proxy-connection", "keep-alive")
+            .header("x-end-to-end", "kept")
+            .body(Empty::new())
+            .unwrap();
+        let response = conn.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    };
+    let hop_by_hop = [
+        "connection:",
+        "x-custom:",
+        "keep-alive:",
+        "te:",
+        "proxy-connection:",
+    ];
+    // Control: sent straight to the app, every one of them arrives.
+    let direct = headers_seen(apps[0].addr()).await;
+    for header in hop_by_hop {
+        assert!(direct.lines().any(|l| l.starts_with(header)), "{direct}");
+    }
+
+    let seen = headers_seen(proxy).await;
+    for gone in hop_by_hop {
+        assert!(
+            !seen.lines().any(|l| l.starts_with(gone)),
+            "{gone} reached the backend:\n{seen}"
+        );
+    }
+    assert!(seen.lines().any(|l| l == "x-end-to-end: kept"), "{seen}");
+    assert!(seen.lines().any(|l| l == "host: hop.test"), "{seen}");
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_do_not_reach_the_client() {
+    let (backend, _task) = raw_backend(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: x-resp\r\nx-resp: secret\r\n\
+          keep-alive: timeout=5\r\nx-visible: yes\r\n\r\nok",
+    )
+    .await;
+    // Control: the backend does send them.
+    let direct = get(backend, "/", &[]).await;
+    assert_eq!(direct.headers["x-resp"], "secret");
+    assert!(direct.headers.contains_key("keep-alive"));
+
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
+    let reply = get(proxy, "/", &[]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "ok");
+    assert_eq!(reply.headers["x-visible"], "yes");
+    for gone in ["x-resp", "keep-alive", "connection"] {
+        assert!(!reply.headers.contains_key(gone), "{gone}: {reply:?}");
+    }
+}
+
+#[tokio::test]
+async fn backend_closing_its_connection_does_not_close_the_clients() {
+    let apps = apps(1).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let mut conn = h1_connection::<Empty<Bytes>>(proxy).await;
+    for _ in 0..3 {
+        let request = Request::get("/close")
+            .header("host", "close.test")
+            .body(Empty::new())
+            .unwrap();
+        let response = conn.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(!response.headers().contains_key("connection"));
+        response.into_body().collect().await.unwrap();
+        conn.ready().await.expect("client connection still open");
+    }
+    assert_eq!(apps[0].connections(), 3);
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set_and_host_passes_through() {
+    let apps = apps(1).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let reply = get(
+        proxy,
+        "/headers",
+        &[
+            ("host", "shop.example:8443"),
+            ("x-forwarded-for", "203.0.113.9"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let seen = apps[0].last_request_headers();
+    assert_eq!(seen["host"], "shop.example:8443");
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "shop.example:8443");
+
+    // Without an incoming one, the client's address starts the list.
+    get(proxy, "/headers", &[]).await;
+    assert_eq!(
+        apps[0].last_request_headers()["x-forwarded-for"],
+        "127.0.0.1"
+    );
+}
+
+#[tokio::test]
+async fn chunked_request_body_streams_through_echo() {
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 64; // 4 MiB
+    let apps = apps(1).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    // A period that does not divide the chunk size, so a lost, repeated or reordered chunk shows.
+    let data: Vec<u8> = (0..CHUNK * CHUNKS).map(|i| (i % 251) as u8).collect();
+    let data = Bytes::from(data);
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let mut conn = h1_connection::<ChannelBody>(proxy).await;
+    let request = Request::post("/echo")
+        .header("host", "echo.test")
+        .body(ChannelBody(rx))
+        .unwrap();
+    let response = tokio::spawn(async move { conn.send_request(request).await });
+    tx.send(data.slice(..CHUNK)).await.unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("headers arrive after the first chunk")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+
+    // Lockstep: the next chunk is sent only once everything sent so far has come back, so a proxy
+    // that buffered the request (or the response) would stall here.
+    let mut received = Vec::with_capacity(data.len());
+    for sent in 1..=CHUNKS {
+        while received.len() < sent * CHUNK {
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("echo of chunk {sent} stalled"))
+                .expect("body continues")
+                .unwrap();
+            if let Ok(bytes) = frame.into_data() {
+                received.extend_from_slice(&bytes);
+            }
+        }
+        if sent < CHUNKS {
+            tx.send(data.slice(sent * CHUNK..(sent + 1) * CHUNK))
+                .await
+                .unwrap();
+        }
+    }
+    drop(tx);
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("body ends after the request body ends")
+        .unwrap()
+        .to_bytes();
+    received.extend_from_slice(&rest);
+    assert!(received == data, "echoed body differs");
+    let seen = apps[0].last_request_headers();
+    assert_eq!(seen["transfer-encoding"], "chunked");
+    assert!(!seen.contains_key("content-length"));
+}
+
+#[tokio::test]
+async fn keep_alive_reuses_upstream_connections() {
+    let apps = apps(1).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let mut conn = h1_connection::<Empty<Bytes>>(proxy).await;
+    for i in 0..50 {
+        let request = Request::get("/")
+            .header("host", "reuse.test")
+            .body(Empty::new())
+            .unwrap();
+        let response = conn.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "request {i}");
+        response.into_body().collect().await.unwrap();
+    }
+    assert_eq!(apps[0].requests(), 50);
+    assert!(
+        apps[0].connections() <= 3,
+        "{} upstream connections for 50 requests",
+        apps[0].connections()
+    );
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_reaches_the_backend() {
+    let apps = apps(1).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let request = Request::get("http://h2.example/headers")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = h2.send_request(request).await.unwrap();
+        assert_eq!(response.version(), Version::HTTP_2);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-backend"], "app1");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let seen = String::from_utf8(body.to_vec()).unwrap();
+        assert!(seen.lines().any(|l| l == "host: h2.example"), "{seen}");
+        assert!(
+            seen.lines().any(|l| l == "x-forwarded-host: h2.example"),
+            "{seen}"
+        );
+    }
+    assert_eq!(apps[0].requests(), 3);
+}
+
+#[tokio::test]
+async fn http11_request_without_host_is_400() {
+    let apps = apps(1).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let response = raw_exchange(proxy, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert!(response.starts_with("HTTP/1.1 400 "), "{response}");
+    assert_eq!(apps[0].requests(), 0);
+
+    // HTTP/1.0 has no Host requirement.
+    let response = raw_exchange(proxy, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(
+        response.starts_with("HTTP/1.0 200 ") || response.starts_with("HTTP/1.1 200 "),
+        "{response}"
+    );
+    assert_eq!(apps[0].requests(), 1);
+}
