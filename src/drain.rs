@@ -19,27 +19,23 @@ pub fn start<F>(state: &Arc<BackendState>, timeout: Duration, removed: bool, on_
 where
     F: FnOnce(&Arc<BackendState>, &DrainOutcome) + Send + 'static,
 {
-    if let Some(mut drain) = state.drain() {
-        if removed && !drain.removed {
-            drain.removed = true;
-            state.set_drain(Some(drain.clone()));
+    let (done_tx, done_rx) = watch::channel(None);
+    let (drain, new) = state.begin_drain(removed, || {
+        let now = Instant::now();
+        Drain {
+            started: now,
+            deadline: now + timeout,
+            removed,
+            completed_at_start: state.completed(),
+            cut_at_start: state.upgraded_cut(),
+            upgrades_at_start: state.upgrades(),
+            upgraded_at_start: state.upgraded(),
+            done: done_rx,
         }
+    });
+    if !new {
         return drain;
     }
-    let (done_tx, done_rx) = watch::channel(None);
-    let now = Instant::now();
-    let drain = Drain {
-        started: now,
-        deadline: now + timeout,
-        removed,
-        completed_at_start: state.completed(),
-        cut_at_start: state.upgraded_cut(),
-        upgrades_at_start: state.upgrades(),
-        upgraded_at_start: state.upgraded(),
-        done: done_rx,
-    };
-    state.set_drain(Some(drain.clone()));
-    state.set_status(BackendStatus::Draining);
     // No new request will reuse them; closing them now frees the backend's sockets.
     state.pool.clear();
     tracing::info!(
@@ -56,12 +52,7 @@ where
 
 /// Calls off a drain: the backend is active again with its state intact.
 pub fn cancel(state: &BackendState) {
-    if matches!(
-        state.status(),
-        BackendStatus::Draining | BackendStatus::Drained
-    ) {
-        state.set_status(BackendStatus::Active);
-        state.set_drain(None);
+    if state.cancel_drain() {
         tracing::info!(backend = %state.address(), "drain called off; backend active");
     }
 }
@@ -74,16 +65,17 @@ async fn run<F>(
 ) where
     F: FnOnce(&Arc<BackendState>, &DrainOutcome) + Send + 'static,
 {
-    let still_draining = |s: &BackendState| s.status() == BackendStatus::Draining;
+    // This drain, not one started after it was called off (the state machine may have gone
+    // Draining → Active → Draining before this task first ran).
+    let still_draining = |s: &BackendState| {
+        s.status() == BackendStatus::Draining
+            && s.drain().is_some_and(|d| d.done.same_channel(&drain.done))
+    };
     let hit_deadline = tokio::select! {
         _ = state.wait_until(|s| !still_draining(s) || s.is_quiet()) => false,
         _ = tokio::time::sleep_until(drain.deadline.into()) => true,
     };
-    if !still_draining(&state) {
-        done.send_replace(Some(outcome(&state, &drain, "cancelled")));
-        return;
-    }
-    if hit_deadline {
+    if hit_deadline && still_draining(&state) {
         state.cut_upgraded();
         let _ = tokio::time::timeout(
             CUT_GRACE,
@@ -91,18 +83,25 @@ async fn run<F>(
         )
         .await;
     }
+    // Called off before it ended, possibly while upgraded connections were being cut.
+    if !still_draining(&state) {
+        let result = outcome(&state, &drain, "cancelled");
+        on_end(&state, &result);
+        done.send_replace(Some(result));
+        return;
+    }
     let result = outcome(
         &state,
         &drain,
         if hit_deadline { "deadline" } else { "drained" },
     );
-    let removed = state.drain().is_some_and(|d| d.removed);
-    state.set_drain(None);
-    state.set_status(if removed {
-        BackendStatus::Retired
-    } else {
-        BackendStatus::Drained
-    });
+    if state.end_drain(&drain.done).is_none() {
+        // Called off between the check above and now.
+        let result = outcome(&state, &drain, "cancelled");
+        on_end(&state, &result);
+        done.send_replace(Some(result));
+        return;
+    }
     tracing::info!(
         backend = %state.address(),
         end = result.end,

@@ -636,6 +636,54 @@ async fn websocket_frame_never_finished_is_closed_without_a_frame_spliced_into_i
     run.wait_for_drains("deadline", 1).await;
 }
 
+#[tokio::test]
+async fn upgraded_client_that_stops_reading_is_still_cut_at_the_deadline() {
+    let apps = apps(1).await;
+    // After the 101, the backend writes as fast as it can until its connection is closed.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel::<()>();
+    let _task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        read_head(&mut stream).await.unwrap();
+        stream
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        while stream.write_all(&chunk).await.is_ok() {}
+        let _ = closed_tx.send(());
+    });
+    let run = Running::start("round_robin", &[(backend, 1)], "drain_timeout = \"1s\"").await;
+    let mut stream = TcpStream::connect(run.proxy).await.unwrap();
+    stream
+        .write_all(b"GET /flood HTTP/1.1\r\nHost: flood.test\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await.expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let state = run.server.shared().registry.get(backend).unwrap();
+    assert_eq!(state.upgraded(), 1);
+    // The client reads nothing more: every buffer between it and the backend fills up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    run.reload(
+        "round_robin",
+        &[(apps[0].addr(), 1)],
+        "drain_timeout = \"1s\"",
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the proxy closed the backend's connection within 5s of the reload")
+        .unwrap();
+    wait_until("the tunnel is gone", || state.upgraded() == 0).await;
+    run.wait_for_drains("deadline", 1).await;
+    drop(stream);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Runtime drain through the admin API
 // ---------------------------------------------------------------------------------------------
@@ -890,4 +938,98 @@ async fn undrain_during_a_drain_calls_it_off_and_counts_it() {
         0,
         "a called-off drain ended later"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drains called off and started again
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn drain_started_again_right_after_being_called_off_keeps_its_own_deadline() {
+    let apps = apps(2).await;
+    let run = Running::start("round_robin", &weight_one(&apps), "drain_timeout = \"1s\"").await;
+    let (slow, x) = in_flight(run.proxy, &apps, "/sleep/2000", &[]).await;
+    let (gone, both) = ([(apps[1 - x].addr(), 1)], weight_one(&apps));
+    let started = Instant::now();
+    // Removed (drain of 1s, the old config's), added back, removed again (drain of 30s).
+    run.reload("round_robin", &gone, "drain_timeout = \"30s\"")
+        .await;
+    run.reload("round_robin", &both, "drain_timeout = \"30s\"")
+        .await;
+    run.reload("round_robin", &gone, "drain_timeout = \"30s\"")
+        .await;
+
+    // Past the first drain's deadline, with the request still in flight.
+    tokio::time::sleep_until(started + Duration::from_millis(1400)).await;
+    assert_eq!(apps[x].in_flight(), 1);
+    let entry = run.backend_status(apps[x].addr()).await;
+    let entry = entry.expect("the second drain ended at the first one's deadline");
+    assert_eq!(entry["state"], "draining", "{entry}");
+    assert!(
+        entry["drain_time_left_s"].as_f64().unwrap() > 20.0,
+        "{entry}"
+    );
+    assert_eq!(run.drains("deadline").await, 0);
+
+    assert_eq!(slow.await.unwrap().status, 200);
+    run.wait_for_state(apps[x].addr(), "unlisted").await;
+    run.wait_for_drains("drained", 1).await;
+    assert_eq!(run.drains("cancelled").await, 1);
+    assert_eq!(run.drains("deadline").await, 0);
+}
+
+#[tokio::test]
+async fn backend_added_back_while_its_upgrades_are_being_cut_stays_active() {
+    let apps = apps(1).await;
+    let (backend, finish, _task) = ws_half_frame_backend().await;
+    let run = Running::start("round_robin", &[(backend, 1)], "drain_timeout = \"1s\"").await;
+    let mut ws = ws_connect(run.proxy).await;
+    ws.send(Message::text("go")).await.unwrap();
+    wait_until("the upgrade is counted", || {
+        run.server
+            .shared()
+            .registry
+            .get(backend)
+            .is_some_and(|s| s.upgraded() == 1)
+    })
+    .await;
+    let state = run.server.shared().registry.get(backend).unwrap();
+
+    let removed = Instant::now();
+    run.reload(
+        "round_robin",
+        &[(apps[0].addr(), 1)],
+        "drain_timeout = \"1s\"",
+    )
+    .await;
+    // Past the deadline: the cut waits (up to 1s) for the backend to finish its frame.
+    tokio::time::sleep_until(removed + Duration::from_millis(1300)).await;
+    assert_eq!(state.upgraded(), 1, "the half frame was cut early");
+    run.reload(
+        "round_robin",
+        &[(apps[0].addr(), 1), (backend, 1)],
+        "drain_timeout = \"1s\"",
+    )
+    .await;
+    finish.send(()).unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("a message within 5s");
+    assert!(
+        matches!(&message, Some(Ok(Message::Binary(b))) if b.as_ref() == b"halfdone"),
+        "{message:?}"
+    );
+
+    // Whatever became of that connection, the backend is back in the config and stays active.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(run.state_of(backend).await, "active");
+    let again = run
+        .server
+        .shared()
+        .registry
+        .get(backend)
+        .expect("registered");
+    assert!(Arc::ptr_eq(&state, &again), "its live state was replaced");
+    run.wait_for_drains("cancelled", 1).await;
+    assert_eq!(run.drains("deadline").await, 0);
 }

@@ -67,10 +67,10 @@ async fn handle(server: &Arc<Server>, request: Request<Incoming>) -> AdminRespon
     let method = request.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segments.as_slice() {
-        ["status"] => only(&method, Method::GET, || {
+        ["status"] => only(&method, "GET", || {
             json_response(StatusCode::OK, &status(&server.shared().snapshot.load()))
         }),
-        ["metrics"] => only(&method, Method::GET, || {
+        ["metrics"] => only(&method, "GET", || {
             let mut response = Response::new(Full::new(Bytes::from(server.metrics().render())));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -228,15 +228,13 @@ fn backend_json(state: &BackendState, weight: u32) -> serde_json::Value {
 
 fn only(
     method: &Method,
-    allowed: Method,
+    allowed: &'static str,
     respond: impl FnOnce() -> AdminResponse,
 ) -> AdminResponse {
-    if *method == allowed {
+    if method.as_str() == allowed {
         respond()
-    } else if allowed == Method::GET {
-        method_not_allowed("GET")
     } else {
-        method_not_allowed("POST")
+        method_not_allowed(allowed)
     }
 }
 

@@ -97,7 +97,7 @@ impl BackendState {
         self.status.load(Ordering::Relaxed) == BackendStatus::Draining as u8
     }
 
-    pub(crate) fn set_status(&self, status: BackendStatus) {
+    fn set_status(&self, status: BackendStatus) {
         self.status.store(status as u8, Ordering::Release);
         if status == BackendStatus::Active {
             self.cut.send_replace(false);
@@ -106,13 +106,65 @@ impl BackendState {
         self.quiet.notify_waiters();
     }
 
-    /// The drain under way, if any.
-    pub fn drain(&self) -> Option<Drain> {
-        self.drain.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn lock_drain(&self) -> std::sync::MutexGuard<'_, Option<Drain>> {
+        self.drain.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn set_drain(&self, drain: Option<Drain>) {
-        *self.drain.lock().unwrap_or_else(|e| e.into_inner()) = drain;
+    /// The drain under way, if any.
+    pub fn drain(&self) -> Option<Drain> {
+        self.lock_drain().clone()
+    }
+
+    // Drain transitions below hold the drain lock while they read and write the status, so a
+    // drain ending, starting and being called off on different threads cannot interleave.
+
+    /// Starts the drain `make` builds, unless one is under way; then a removal marks the existing
+    /// one as removed. Returns the drain in force and whether it is new.
+    pub(crate) fn begin_drain(&self, removed: bool, make: impl FnOnce() -> Drain) -> (Drain, bool) {
+        let mut slot = self.lock_drain();
+        if let Some(existing) = slot.as_mut() {
+            existing.removed |= removed;
+            return (existing.clone(), false);
+        }
+        let drain = make();
+        *slot = Some(drain.clone());
+        self.set_status(BackendStatus::Draining);
+        (drain, true)
+    }
+
+    /// Ends the drain whose outcome goes to `done`, if it is still the one in force: Retired when
+    /// it was removed from the config, Drained otherwise. `None` when it was called off.
+    pub(crate) fn end_drain(
+        &self,
+        done: &watch::Receiver<Option<DrainOutcome>>,
+    ) -> Option<BackendStatus> {
+        let mut slot = self.lock_drain();
+        let ours = slot.as_ref().is_some_and(|d| d.done.same_channel(done));
+        if !ours || self.status() != BackendStatus::Draining {
+            return None;
+        }
+        let to = if slot.as_ref().is_some_and(|d| d.removed) {
+            BackendStatus::Retired
+        } else {
+            BackendStatus::Drained
+        };
+        *slot = None;
+        self.set_status(to);
+        Some(to)
+    }
+
+    /// Calls off a drain under way or ended at runtime: active again. Returns whether it did.
+    pub(crate) fn cancel_drain(&self) -> bool {
+        let mut slot = self.lock_drain();
+        if !matches!(
+            self.status(),
+            BackendStatus::Draining | BackendStatus::Drained
+        ) {
+            return false;
+        }
+        *slot = None;
+        self.set_status(BackendStatus::Active);
+        true
     }
 
     /// Requests finished since the process started (sent minus still in flight).
@@ -228,7 +280,8 @@ pub struct Drain {
 /// How a drain ended.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DrainOutcome {
-    /// `drained` (nothing left in flight) or `deadline` (the timeout cut what was left).
+    /// `drained` (nothing left in flight), `deadline` (the timeout cut what was left) or
+    /// `cancelled` (undrained, or added back to the config, before it ended).
     pub end: &'static str,
     /// Requests that completed while draining.
     pub requests_finished: u64,

@@ -12,8 +12,12 @@ use tokio::sync::watch;
 
 use crate::backend::UpgradeGuard;
 
-/// How long a cut waits for the backend to finish the frame it is in the middle of.
+/// How long a cut waits for the backend to finish the frame it is in the middle of; past it, the
+/// connection is closed without a close frame.
 const FRAME_GRACE: Duration = Duration::from_secs(1);
+/// How long, past the frame grace, sending the close frame and closing may take. A client that
+/// stops reading blocks every write to it; without this bound it would hold the tunnel open forever.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// Server-to-client close frame: FIN + opcode 8, unmasked, 2-byte payload 1001.
 const CLOSE_GOING_AWAY: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
 const BUFFER: usize = 16 * 1024;
@@ -52,6 +56,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let hard_stop = after_cut(cut.clone(), FRAME_GRACE + CLOSE_GRACE);
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
     let upstream = async {
@@ -93,20 +98,32 @@ where
                 break End::Cut;
             }
         };
-        if end == End::Cut && websocket {
+        // A frame the backend never finished cannot be followed by a close frame: the client would
+        // read the close frame's bytes as the rest of that frame's payload.
+        if end == End::Cut && websocket && frames.at_boundary() {
             let _ = client_tx.write_all(&CLOSE_GOING_AWAY).await;
         }
         let _ = client_tx.shutdown().await;
         end
     };
-    tokio::pin!(upstream, downstream);
+    tokio::pin!(upstream, downstream, hard_stop);
     let mut upstream_done = false;
     loop {
         tokio::select! {
             end = &mut downstream => return end,
             _ = &mut upstream, if !upstream_done => upstream_done = true,
+            // Dropping both halves closes both connections, whatever write is pending.
+            _ = &mut hard_stop => return End::Cut,
         }
     }
+}
+
+/// Resolves `grace` after `cut` first turns true.
+async fn after_cut(mut cut: watch::Receiver<bool>, grace: Duration) {
+    if cut.wait_for(|cut| *cut).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(grace).await;
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
