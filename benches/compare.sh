@@ -33,6 +33,7 @@ done
 cargo build --release --manifest-path "$repo/Cargo.toml"
 self="$repo/benches/compare.sh"
 exec "$repo/../shared/bench/proxy-compare" \
+  --ours-port 18095 \
   --ours "$self serve {port} {backends} {workers} roundrobin {tmpdir}" \
   --ours-hash "$self serve {port} {backends} {workers} iphash {tmpdir}" \
   "$@"

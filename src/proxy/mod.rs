@@ -6,7 +6,6 @@ pub mod headers;
 mod tunnel;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
@@ -43,8 +42,9 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let snapshot = shared.snapshot.load_full();
+    // Cheap clones (reference-counted), so logging costs nothing when the access log is off.
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    let uri = request.uri().clone();
     let mut log = AccessLog {
         pool: None,
         backend: None,
@@ -63,9 +63,9 @@ pub async fn handle(
         target: "switchyard::access",
         client = %conn.peer,
         method = %method,
-        path = %path,
+        path = uri.path(),
         status = response.status().as_u16(),
-        pool = log.pool.as_deref().unwrap_or("-"),
+        pool = log.pool.unwrap_or("-"),
         backend = %log.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
         affinity = log.affinity.as_str(),
         duration_ms = start.elapsed().as_secs_f64() * 1000.0,
@@ -73,17 +73,17 @@ pub async fn handle(
     response
 }
 
-struct AccessLog {
-    pool: Option<String>,
+struct AccessLog<'a> {
+    pool: Option<&'a str>,
     backend: Option<SocketAddr>,
     affinity: Affinity,
 }
 
-async fn forward(
-    snapshot: &Arc<Snapshot>,
+async fn forward<'s>(
+    snapshot: &'s Snapshot,
     conn: &ConnInfo,
     mut request: Request<Incoming>,
-    log: &mut AccessLog,
+    log: &mut AccessLog<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if request.version() == Version::HTTP_11
         && request.uri().authority().is_none()
@@ -100,7 +100,7 @@ async fn forward(
             host: host.unwrap_or_default().to_owned(),
             path: request.uri().path().to_owned(),
         })?;
-    log.pool = Some(pool.name().to_owned());
+    log.pool = Some(pool.name());
 
     let client_ip = headers::client_ip(
         conn.peer.ip(),
