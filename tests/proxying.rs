@@ -252,3 +252,55 @@ async fn http11_request_without_host_is_400() {
     );
     assert_eq!(apps[0].requests(), 1);
 }
+
+/// `timeouts.idle` closes client connections that moved nothing, HTTP/1 and HTTP/2 alike, but never
+/// one whose request is waiting on a slow backend.
+#[tokio::test]
+async fn idle_client_connections_are_closed_but_waiting_ones_are_not() {
+    let apps = apps(1).await;
+    let tail = "[timeouts]\nidle = \"300ms\"\nclient_header = \"10s\"\n";
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), tail)).await;
+
+    // HTTP/1.1 keep-alive: one request, then silence.
+    let mut h1 = h1_connection::<Empty<Bytes>>(proxy).await;
+    let request = Request::get("/")
+        .header("host", "idle.test")
+        .body(Empty::new())
+        .unwrap();
+    assert_eq!(h1.send_request(request).await.unwrap().status(), 200);
+    // HTTP/2 prior knowledge: one request, then silence.
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get("http://idle.test/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(h2.send_request(request).await.unwrap().status(), 200);
+    assert!(!h1.is_closed() && !h2.is_closed());
+    let opened = std::time::Instant::now();
+    wait_until("idle connections closed (idle = 300ms)", || {
+        h1.is_closed() && h2.is_closed()
+    })
+    .await;
+    assert!(
+        opened.elapsed() >= Duration::from_millis(250),
+        "closed before idle passed"
+    );
+
+    // A request waiting 1s on its backend outlives three idle periods on a silent connection.
+    let mut h1 = h1_connection::<Empty<Bytes>>(proxy).await;
+    let request = Request::get("/sleep/1000")
+        .header("host", "idle.test")
+        .body(Empty::new())
+        .unwrap();
+    let response = h1
+        .send_request(request)
+        .await
+        .expect("not cut while waiting");
+    assert_eq!(response.status(), 200);
+}

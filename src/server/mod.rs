@@ -21,6 +21,13 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, ConnInfo};
 use crate::state::Shared;
 
+mod idle;
+
+use idle::{Activity, CountingIo};
+
+/// How many times per `timeouts.idle` period a client connection is checked for idleness.
+const IDLE_CHECKS: u32 = 4;
+
 /// Most concurrent HTTP/2 streams per client connection.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 
@@ -179,6 +186,8 @@ impl Server {
         let _ = stream.set_nodelay(true);
         let timeouts = self.shared.snapshot.load().config.timeouts.clone();
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper starts this timer when an HTTP/1 connection goes idle too, so it also bounds idle
+        // keep-alive connections; `idle` below covers HTTP/2 and longer `client_header` values.
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -192,18 +201,48 @@ impl Server {
             peer,
             proto: "http",
         };
+        let activity = Arc::new(Activity::default());
         let shared = Arc::clone(&self.shared);
+        let service_activity = Arc::clone(&activity);
         let service = service_fn(move |request| {
             let shared = Arc::clone(&shared);
-            async move { Ok::<_, Infallible>(proxy::handle(&shared, &info, request).await) }
+            let waiting = service_activity.wait();
+            async move {
+                let response = proxy::handle(&shared, &info, request).await;
+                drop(waiting);
+                Ok::<_, Infallible>(response)
+            }
         });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let io = TokioIo::new(CountingIo::new(stream, Arc::clone(&activity)));
+        let connection = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
-        let result = tokio::select! {
-            result = connection.as_mut() => result,
-            _ = self.shutdown.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
+        // Checked four times per period, so a connection closes between 1 and 1.25 × `idle`.
+        let mut idle_check = tokio::time::interval(timeouts.idle / IDLE_CHECKS);
+        idle_check.tick().await;
+        let mut bytes_at_last_check = activity.bytes();
+        let mut quiet_checks = 0;
+        let mut closing = false;
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break result,
+                _ = self.shutdown.cancelled(), if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                _ = idle_check.tick(), if !closing => {
+                    let bytes = activity.bytes();
+                    if bytes == bytes_at_last_check && !activity.is_waiting() {
+                        quiet_checks += 1;
+                    } else {
+                        quiet_checks = 0;
+                    }
+                    bytes_at_last_check = bytes;
+                    if quiet_checks >= IDLE_CHECKS {
+                        tracing::debug!(%peer, "closing idle client connection");
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
             }
         };
         if let Err(error) = result {
