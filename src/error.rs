@@ -52,6 +52,12 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    /// The backend answered 101 to a request that did not ask to switch protocols.
+    #[error("backend {backend} switched protocols unasked")]
+    UnexpectedUpgrade {
+        /// The backend's address.
+        backend: SocketAddr,
+    },
     /// The client's request cannot be forwarded as it is.
     #[error("bad request: {reason}")]
     BadRequest {
@@ -66,7 +72,9 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
@@ -82,7 +90,7 @@ impl ProxyError {
                 "backend unreachable\n"
             }
             ProxyError::ResponseTimeout { .. } => "backend timed out\n",
-            ProxyError::Upstream { .. } => "backend error\n",
+            ProxyError::Upstream { .. } | ProxyError::UnexpectedUpgrade { .. } => "backend error\n",
             ProxyError::BadRequest { .. } => "bad request\n",
         }
     }

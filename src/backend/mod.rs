@@ -6,6 +6,6 @@ mod pool;
 mod registry;
 mod state;
 
-pub use pool::{ConnPool, PooledConn, SendError, UpstreamBody};
+pub use pool::{ConnPool, PooledConn, SendError, Upload, UpstreamBody};
 pub use registry::Registry;
 pub use state::{BackendState, BackendStatus, Drain, DrainOutcome, InFlightGuard, UpgradeGuard};

@@ -1,14 +1,26 @@
 //! The response body handed to the client: either the backend's body streamed through, holding the
 //! backend's in-flight guard and connection until its last byte, or a short local body.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 
 use crate::backend::{InFlightGuard, PooledConn};
+
+/// Errors a response body can end with; hyper then closes the client connection, so a truncated
+/// body never looks complete.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The backend sent no byte of the response body for `timeouts.idle`.
+#[derive(Debug, thiserror::Error)]
+#[error("backend response body stalled for {0:?}")]
+pub struct BodyStalled(pub Duration);
 
 /// What is released when an upstream body ends: the in-flight count, and the connection back to
 /// the pool (only when the body was read to its end, so the connection is clean).
@@ -21,10 +33,14 @@ pub struct Finish {
 }
 
 impl Finish {
-    /// The body ended cleanly: the connection can carry another request.
+    /// The body ended cleanly: the connection can carry another request, unless the backend is
+    /// draining (its pool must stay empty).
     pub fn complete(mut self) {
+        let backend = self.guard.backend();
         if let Some(conn) = self.conn.take() {
-            self.guard.backend().pool.checkin(conn);
+            if backend.is_ready() {
+                backend.pool.checkin(conn);
+            }
         }
     }
 }
@@ -39,6 +55,10 @@ pin_project! {
             #[pin]
             body: Incoming,
             finish: Option<Finish>,
+            // Fires when the backend sends nothing for `stall_limit`; reset on every frame.
+            #[pin]
+            stall: Sleep,
+            stall_limit: Duration,
         },
         /// Generated here (errors, empty bodies).
         Local {
@@ -48,6 +68,16 @@ pin_project! {
 }
 
 impl ProxyBody {
+    /// A body streamed from the backend, cut if it stalls for `stall_limit`.
+    pub fn upstream(body: Incoming, finish: Finish, stall_limit: Duration) -> Self {
+        ProxyBody::Upstream {
+            body,
+            finish: Some(finish),
+            stall: tokio::time::sleep(stall_limit),
+            stall_limit,
+        }
+    }
+
     /// A local body.
     pub fn local(data: impl Into<Bytes>) -> Self {
         let data: Bytes = data.into();
@@ -64,34 +94,48 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
-            ProxyBodyProj::Upstream { mut body, finish } => {
-                let polled = body.as_mut().poll_frame(cx);
-                match &polled {
-                    Poll::Ready(None) => {
-                        if let Some(f) = finish.take() {
-                            f.complete();
-                        }
+            ProxyBodyProj::Upstream {
+                mut body,
+                finish,
+                stall,
+                stall_limit,
+            } => match body.as_mut().poll_frame(cx) {
+                Poll::Ready(None) => {
+                    if let Some(f) = finish.take() {
+                        f.complete();
                     }
-                    // The server may stop polling once it sees the end, so finish on the last frame.
-                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
-                        if let Some(f) = finish.take() {
-                            f.complete();
-                        }
-                    }
-                    Poll::Ready(Some(Err(_))) => {
-                        finish.take();
-                    }
-                    _ => {}
+                    Poll::Ready(None)
                 }
-                polled
-            }
+                Poll::Ready(Some(Ok(frame))) => {
+                    // The server may stop polling once it sees the end, so finish on the last frame.
+                    if body.is_end_stream() {
+                        if let Some(f) = finish.take() {
+                            f.complete();
+                        }
+                    } else {
+                        stall.reset(Instant::now() + *stall_limit);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    finish.take();
+                    Poll::Ready(Some(Err(error.into())))
+                }
+                Poll::Pending => match stall.poll(cx) {
+                    Poll::Ready(()) => {
+                        finish.take();
+                        Poll::Ready(Some(Err(BodyStalled(*stall_limit).into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                },
+            },
             ProxyBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }

@@ -10,14 +10,13 @@ use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::Either;
 use hyper::body::{Body, Incoming};
 
 pub use body::{Finish, ProxyBody};
 
 use crate::backend::{SendError, UpstreamBody};
-use crate::balance::{Affinity, Candidates, RequestFacts};
-use crate::config::StrategyKind;
+use crate::balance::{Affinity, Candidates, Choice, RequestFacts};
+use crate::config::{PoolConfig, StrategyKind};
 use crate::error::ProxyError;
 use crate::state::{Pool, Shared, Snapshot};
 
@@ -66,7 +65,7 @@ pub async fn handle(
         path = uri.path(),
         status = response.status().as_u16(),
         pool = log.pool.unwrap_or("-"),
-        backend = %log.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
+        backend = log.backend.map(tracing::field::display),
         affinity = log.affinity.as_str(),
         duration_ms = start.elapsed().as_secs_f64() * 1000.0,
     );
@@ -102,11 +101,15 @@ async fn forward<'s>(
         })?;
     log.pool = Some(pool.name());
 
-    let client_ip = headers::client_ip(
-        conn.peer.ip(),
-        request.headers(),
-        &pool.config.trusted_proxies,
-    );
+    let client_ip = if hashes_client_ip(&pool.config) {
+        headers::client_ip(
+            conn.peer.ip(),
+            request.headers(),
+            &pool.config.trusted_proxies,
+        )
+    } else {
+        conn.peer.ip()
+    };
     let upgrading =
         request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers());
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
@@ -122,11 +125,11 @@ async fn forward<'s>(
     let mut attempts = 0;
     let mut last_error = None;
     loop {
-        let choice = match (choose(pool, &facts, &tried[..attempts]), last_error) {
-            (Ok(choice), _) => choice,
+        let Some(choice) = choose(pool, &facts, &tried[..attempts]) else {
             // No other backend to retry on: the client hears why the one it had failed (502).
-            (Err(_), Some(error)) => return Err(error),
-            (Err(none_available), None) => return Err(none_available),
+            return Err(last_error.unwrap_or_else(|| ProxyError::NoBackend {
+                pool: pool.name().to_owned(),
+            }));
         };
         let member = &pool.members[choice.index];
         log.backend = Some(member.spec.address);
@@ -141,7 +144,13 @@ async fn forward<'s>(
                     response.headers_mut().append(header::SET_COOKIE, cookie);
                 }
                 if switching {
-                    if let Some(client_upgrade) = client_upgrade {
+                    let Some(client_upgrade) = client_upgrade else {
+                        // Switching protocols the client never asked for cannot be relayed.
+                        return Err(ProxyError::UnexpectedUpgrade {
+                            backend: member.spec.address,
+                        });
+                    };
+                    {
                         let backend_upgrade = hyper::upgrade::on(&mut response);
                         let websocket = response
                             .headers()
@@ -169,10 +178,7 @@ async fn forward<'s>(
                         finish.complete();
                         ProxyBody::empty()
                     } else {
-                        ProxyBody::Upstream {
-                            body,
-                            finish: Some(finish),
-                        }
+                        ProxyBody::upstream(body, finish, timeouts.idle)
                     }
                 }));
             }
@@ -191,17 +197,9 @@ async fn forward<'s>(
     }
 }
 
-fn choose(
-    pool: &Pool,
-    facts: &RequestFacts<'_>,
-    tried: &[usize],
-) -> Result<crate::balance::Choice, ProxyError> {
+fn choose(pool: &Pool, facts: &RequestFacts<'_>, tried: &[usize]) -> Option<Choice> {
     let candidates = Candidates::new(&pool.members, pool.active, tried);
-    pool.strategy
-        .choose(facts, &candidates)
-        .ok_or_else(|| ProxyError::NoBackend {
-            pool: pool.name().to_owned(),
-        })
+    pool.strategy.choose(facts, &candidates)
 }
 
 /// Rewrites the client's request for the backend: origin-form target, HTTP/1.1, hop-by-hop headers
@@ -232,8 +230,11 @@ fn upstream_request(
         // HTTP/2 and absolute-form requests carry the host in the target; HTTP/1.1 needs it in Host.
         parts.headers.insert(header::HOST, host);
     }
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    parts.uri = Uri::try_from(target).map_err(|_| ProxyError::BadRequest {
+    // Authority-form (CONNECT) has no path: switchyard is not a forward proxy.
+    let target = parts.uri.path_and_query().ok_or(ProxyError::BadRequest {
+        reason: "invalid target",
+    })?;
+    parts.uri = Uri::try_from(target.as_str()).map_err(|_| ProxyError::BadRequest {
         reason: "invalid target",
     })?;
     parts.version = Version::HTTP_11;
@@ -246,7 +247,20 @@ fn upstream_request(
         conn.proto,
         host.as_ref(),
     );
-    Ok((cookies, Request::from_parts(parts, Either::Left(body))))
+    Ok((
+        cookies,
+        Request::from_parts(parts, UpstreamBody::streaming(body)),
+    ))
+}
+
+/// Whether the pool's placement hashes the client IP (so `trusted_proxies` matters).
+fn hashes_client_ip(pool: &PoolConfig) -> bool {
+    pool.strategy == StrategyKind::IpHash
+        || (pool.strategy == StrategyKind::Cookie
+            && pool
+                .cookie
+                .as_ref()
+                .is_some_and(|c| c.fallback == StrategyKind::IpHash))
 }
 
 /// A short plain-text error response.

@@ -40,6 +40,10 @@ pub(crate) enum Role {
     Admin,
 }
 
+/// A listener's identity across reloads: its role, its configured address, and which occurrence of
+/// that address it is (several `127.0.0.1:0` listeners are distinct sockets).
+pub(crate) type ListenerKey = (Role, SocketAddr, usize);
+
 /// A bound listener and the token that stops its accept loop.
 #[derive(Debug)]
 struct Listener {
@@ -52,7 +56,7 @@ struct Listener {
 pub struct Server {
     shared: Arc<Shared>,
     /// Keyed by role and *configured* address, so a reload keeps listeners whose line stayed.
-    listeners: Mutex<BTreeMap<(Role, SocketAddr), Listener>>,
+    listeners: Mutex<BTreeMap<ListenerKey, Listener>>,
     shutdown: CancellationToken,
     connections: TaskTracker,
     metrics: Metrics,
@@ -96,30 +100,29 @@ impl Server {
 
     /// The bound address of each proxy listener, in the config's order (useful with port 0).
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        let snapshot = self.shared.snapshot.load();
-        snapshot
-            .config
-            .listeners
-            .iter()
-            .filter_map(|l| listeners.get(&(Role::Proxy, l.listen)).map(|b| b.local))
-            .collect()
+        self.bound(Role::Proxy)
     }
 
     /// The bound address of the admin listener, if configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.bound(Role::Admin).first().copied()
+    }
+
+    fn bound(&self, role: Role) -> Vec<SocketAddr> {
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        let snapshot = self.shared.snapshot.load();
-        let admin = snapshot.config.admin.as_ref()?;
-        listeners.get(&(Role::Admin, admin.listen)).map(|b| b.local)
+        wanted_listeners(&self.shared.snapshot.load().config)
+            .iter()
+            .filter(|key| key.0 == role)
+            .filter_map(|key| listeners.get(key).map(|l| l.local))
+            .collect()
     }
 
     /// Binds the listeners `config` wants that are not open yet; all or nothing.
     pub(crate) async fn bind_new_listeners(
         &self,
         config: &Config,
-    ) -> std::io::Result<Vec<((Role, SocketAddr), TcpListener)>> {
-        let missing: Vec<(Role, SocketAddr)> = {
+    ) -> std::io::Result<Vec<(ListenerKey, TcpListener)>> {
+        let missing: Vec<ListenerKey> = {
             let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
             wanted_listeners(config)
                 .into_iter()
@@ -144,7 +147,7 @@ impl Server {
     }
 
     /// Starts accept loops for freshly bound listeners.
-    pub(crate) fn adopt_listeners(self: &Arc<Self>, bound: Vec<((Role, SocketAddr), TcpListener)>) {
+    pub(crate) fn adopt_listeners(self: &Arc<Self>, bound: Vec<(ListenerKey, TcpListener)>) {
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         for (key, listener) in bound {
             let local = listener.local_addr().unwrap_or(key.1);
@@ -217,14 +220,24 @@ impl Server {
         let connection = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
         // Checked four times per period, so a connection closes between 1 and 1.25 × `idle`.
-        let mut idle_check = tokio::time::interval(timeouts.idle / IDLE_CHECKS);
+        let period = (timeouts.idle / IDLE_CHECKS).max(Duration::from_millis(1));
+        let mut idle_check = tokio::time::interval(period);
+        // A starved task must not fire several quiet checks back to back.
+        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         idle_check.tick().await;
+        // After a graceful close for idleness, a connection that still does not finish (a client
+        // that stopped reading) is dropped one more period later.
+        let mut hard_close: Option<tokio::time::Instant> = None;
         let mut bytes_at_last_check = activity.bytes();
         let mut quiet_checks = 0;
         let mut closing = false;
         let result = loop {
             tokio::select! {
                 result = connection.as_mut() => break result,
+                _ = sleep_until_opt(hard_close) => {
+                    tracing::debug!(%peer, "idle client connection did not close; dropping it");
+                    break Ok(());
+                }
                 _ = self.shutdown.cancelled(), if !closing => {
                     closing = true;
                     connection.as_mut().graceful_shutdown();
@@ -240,6 +253,7 @@ impl Server {
                     if quiet_checks >= IDLE_CHECKS {
                         tracing::debug!(%peer, "closing idle client connection");
                         closing = true;
+                        hard_close = Some(tokio::time::Instant::now() + timeouts.idle);
                         connection.as_mut().graceful_shutdown();
                     }
                 }
@@ -268,20 +282,33 @@ impl Server {
     }
 }
 
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Every listener a config asks for.
-fn wanted_listeners(config: &Config) -> Vec<(Role, SocketAddr)> {
-    config
+fn wanted_listeners(config: &Config) -> Vec<ListenerKey> {
+    let mut keys: Vec<ListenerKey> = Vec::new();
+    let wanted = config
         .listeners
         .iter()
         .map(|l| (Role::Proxy, l.listen))
-        .chain(config.admin.iter().map(|a| (Role::Admin, a.listen)))
-        .collect()
+        .chain(config.admin.iter().map(|a| (Role::Admin, a.listen)));
+    for (role, address) in wanted {
+        let seen = keys
+            .iter()
+            .filter(|k| k.0 == role && k.1 == address)
+            .count();
+        keys.push((role, address, seen));
+    }
+    keys
 }
 
 /// Binds every address, or none: a failure drops what was already bound.
-async fn bind_all(
-    keys: &[(Role, SocketAddr)],
-) -> std::io::Result<Vec<((Role, SocketAddr), TcpListener)>> {
+async fn bind_all(keys: &[ListenerKey]) -> std::io::Result<Vec<(ListenerKey, TcpListener)>> {
     let mut bound = Vec::with_capacity(keys.len());
     for &key in keys {
         let address = key.1;
