@@ -98,7 +98,11 @@ impl BackendState {
     }
 
     fn set_status(&self, status: BackendStatus) {
-        self.status.store(status as u8, Ordering::Release);
+        // SeqCst, with the guards' release (`fetch_sub` then `released`) and the drain's
+        // `is_quiet`: store-then-load on both sides is the store-buffer pattern, where weaker
+        // orderings let the guard miss Draining (no wake-up) while the drain reads the count from
+        // before the release (not quiet), and the drain would sit until its deadline.
+        self.status.store(status as u8, Ordering::SeqCst);
         if status == BackendStatus::Active {
             self.cut.send_replace(false);
         }
@@ -236,7 +240,8 @@ impl BackendState {
 
     /// Whether nothing is in flight and no upgraded connection is open.
     pub fn is_quiet(&self) -> bool {
-        self.in_flight() == 0 && self.upgraded() == 0
+        // SeqCst: the drain's half of the pattern described in `set_status`.
+        self.in_flight.load(Ordering::SeqCst) == 0 && self.upgraded.load(Ordering::SeqCst) == 0
     }
 
     /// A receiver that turns true when upgraded connections must be cut.
@@ -250,7 +255,8 @@ impl BackendState {
     }
 
     fn released(&self) {
-        if self.is_draining() {
+        // SeqCst: the guard's half of the pattern described in `set_status`.
+        if self.status.load(Ordering::SeqCst) == BackendStatus::Draining as u8 {
             self.quiet.notify_waiters();
         }
     }
@@ -310,7 +316,8 @@ impl InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // SeqCst: see `BackendState::set_status`.
+        self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.state.released();
     }
 }
@@ -330,7 +337,8 @@ impl UpgradeGuard {
 
 impl Drop for UpgradeGuard {
     fn drop(&mut self) {
-        self.state.upgraded.fetch_sub(1, Ordering::Relaxed);
+        // SeqCst: see `BackendState::set_status`.
+        self.state.upgraded.fetch_sub(1, Ordering::SeqCst);
         self.state.released();
     }
 }
