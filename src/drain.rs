@@ -13,9 +13,18 @@ use crate::backend::{BackendState, BackendStatus, Drain, DrainOutcome};
 /// How long cut upgraded connections get to close (a WebSocket finishes its frame and says 1001).
 const CUT_GRACE: Duration = Duration::from_secs(2);
 
-/// Starts draining `state` unless a drain is already under way (a removal then upgrades a runtime
-/// drain, keeping its deadline). `on_end` runs once the drain has ended, with its outcome.
-pub fn start<F>(state: &Arc<BackendState>, timeout: Duration, removed: bool, on_end: F) -> Drain
+/// Starts draining `state`, for a removal from the config (`removed`) or at runtime, unless a
+/// drain is already under way: that one is joined, keeping its deadline, and a removal then makes
+/// it end Retired. `on_end` runs once a new drain has ended, with its outcome.
+///
+/// Refused with the backend's status when it is Retired (released, never to come back: a drain
+/// through a stale snapshot's member) or, for a runtime drain, already Drained.
+pub fn start<F>(
+    state: &Arc<BackendState>,
+    timeout: Duration,
+    removed: bool,
+    on_end: F,
+) -> Result<Drain, BackendStatus>
 where
     F: FnOnce(&Arc<BackendState>, &DrainOutcome) + Send + 'static,
 {
@@ -26,15 +35,16 @@ where
             started: now,
             deadline: now + timeout,
             removed,
+            runtime: !removed,
             completed_at_start: state.completed(),
             cut_at_start: state.upgraded_cut(),
             upgrades_at_start: state.upgrades(),
             upgraded_at_start: state.upgraded(),
             done: done_rx,
         }
-    });
+    })?;
     if !new {
-        return drain;
+        return Ok(drain);
     }
     // No new request will reuse them; closing them now frees the backend's sockets.
     state.pool.clear();
@@ -47,14 +57,24 @@ where
         "drain started"
     );
     tokio::spawn(run(Arc::clone(state), drain.clone(), done_tx, on_end));
-    drain
+    Ok(drain)
 }
 
-/// Calls off a drain: the backend is active again with its state intact.
-pub fn cancel(state: &BackendState) {
-    if state.cancel_drain() {
-        tracing::info!(backend = %state.address(), "drain called off; backend active");
+/// The backend is back in the config: a drain for its removal is called off, and the backend is
+/// active again with its state intact; a runtime drain goes on (only `/undrain` ends it).
+pub fn return_to_config(state: &BackendState) {
+    if state.return_to_config() {
+        tracing::info!(backend = %state.address(), "back in the config; drain called off");
     }
+}
+
+/// The operator's undrain: active again. Refused with the backend's status when it is leaving
+/// the config (Draining for a removal, or Retired); only the config can bring it back.
+pub fn undrain(state: &BackendState) -> Result<(), BackendStatus> {
+    if state.undrain()? {
+        tracing::info!(backend = %state.address(), "undrained; backend active");
+    }
+    Ok(())
 }
 
 async fn run<F>(
@@ -67,51 +87,41 @@ async fn run<F>(
 {
     // This drain, not one started after it was called off (the state machine may have gone
     // Draining → Active → Draining before this task first ran).
-    let still_draining = |s: &BackendState| {
-        s.status() == BackendStatus::Draining
-            && s.drain().is_some_and(|d| d.done.same_channel(&drain.done))
-    };
+    let ours = |s: &BackendState| s.is_draining_with(&drain.done);
     let hit_deadline = tokio::select! {
-        _ = state.wait_until(|s| !still_draining(s) || s.is_quiet()) => false,
+        _ = state.wait_until(|s| !ours(s) || s.is_quiet()) => false,
         _ = tokio::time::sleep_until(drain.deadline.into()) => true,
     };
-    if hit_deadline && still_draining(&state) {
+    if hit_deadline && ours(&state) {
         state.cut_upgraded();
         let _ = tokio::time::timeout(
             CUT_GRACE,
-            state.wait_until(|s| s.upgraded() == 0 || !still_draining(s)),
+            state.wait_until(|s| s.upgraded() == 0 || !ours(s)),
         )
         .await;
     }
-    // Called off before it ended, possibly while upgraded connections were being cut.
-    if !still_draining(&state) {
-        let result = outcome(&state, &drain, "cancelled");
-        on_end(&state, &result);
-        done.send_replace(Some(result));
-        return;
-    }
-    let result = outcome(
-        &state,
-        &drain,
-        if hit_deadline { "deadline" } else { "drained" },
-    );
-    if state.end_drain(&drain.done).is_none() {
-        // Called off between the check above and now.
-        let result = outcome(&state, &drain, "cancelled");
-        on_end(&state, &result);
-        done.send_replace(Some(result));
-        return;
-    }
-    tracing::info!(
-        backend = %state.address(),
-        end = result.end,
-        requests_finished = result.requests_finished,
-        requests_unfinished = result.requests_unfinished,
-        upgraded_finished = result.upgraded_finished,
-        upgraded_cut = result.upgraded_cut,
-        seconds = result.seconds,
-        "drain ended"
-    );
+    let result = match state.end_drain(&drain.done) {
+        Some(_) => {
+            // A response that ended just as the drain started may have returned its connection
+            // after the pool was cleared, and a Drained backend keeps its pool until undrained.
+            state.pool.clear();
+            let end = if hit_deadline { "deadline" } else { "drained" };
+            let result = outcome(&state, &drain, end);
+            tracing::info!(
+                backend = %state.address(),
+                end = result.end,
+                requests_finished = result.requests_finished,
+                requests_unfinished = result.requests_unfinished,
+                upgraded_finished = result.upgraded_finished,
+                upgraded_cut = result.upgraded_cut,
+                seconds = result.seconds,
+                "drain ended"
+            );
+            result
+        }
+        // Called off before it ended, possibly while upgraded connections were being cut.
+        None => outcome(&state, &drain, "cancelled"),
+    };
     on_end(&state, &result);
     done.send_replace(Some(result));
 }
@@ -126,5 +136,104 @@ fn outcome(state: &BackendState, drain: &Drain, end: &'static str) -> DrainOutco
         upgraded_finished: opened.saturating_sub(state.upgraded() + cut),
         upgraded_cut: cut,
         seconds: drain.started.elapsed().as_secs_f64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> Arc<BackendState> {
+        BackendState::new("192.0.2.10:80".parse().unwrap())
+    }
+
+    fn begin(state: &Arc<BackendState>, removed: bool) -> Result<Drain, BackendStatus> {
+        start(state, Duration::from_secs(30), removed, |_, _| {})
+    }
+
+    async fn ended(drain: &Drain) -> DrainOutcome {
+        let mut done = drain.done.clone();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), done.wait_for(Option::is_some))
+            .await
+            .expect("the drain ends within 5s")
+            .expect("the drain task reports its end");
+        outcome.clone().expect("an outcome")
+    }
+
+    #[tokio::test]
+    async fn retired_backend_is_never_drained_or_undrained_again() {
+        let state = backend();
+        assert_eq!(ended(&begin(&state, true).unwrap()).await.end, "drained");
+        assert_eq!(state.status(), BackendStatus::Retired);
+
+        // A runtime drain through an older snapshot's member, or a removal.
+        assert_eq!(begin(&state, false).unwrap_err(), BackendStatus::Retired);
+        assert_eq!(begin(&state, true).unwrap_err(), BackendStatus::Retired);
+        assert_eq!(undrain(&state), Err(BackendStatus::Retired));
+        assert_eq!(state.status(), BackendStatus::Retired);
+        assert!(state.drain().is_none());
+    }
+
+    #[tokio::test]
+    async fn runtime_drain_of_a_drained_backend_starts_nothing() {
+        let state = backend();
+        assert_eq!(ended(&begin(&state, false).unwrap()).await.end, "drained");
+        assert_eq!(state.status(), BackendStatus::Drained);
+        assert_eq!(begin(&state, false).unwrap_err(), BackendStatus::Drained);
+        assert_eq!(state.status(), BackendStatus::Drained);
+        assert!(state.drain().is_none());
+    }
+
+    #[tokio::test]
+    async fn runtime_drain_joined_by_a_removal_goes_on_when_the_backend_returns() {
+        let state = backend();
+        let request = state.start_request();
+        let drain = begin(&state, false).unwrap();
+        let joined = begin(&state, true).unwrap();
+        assert!(
+            joined.done.same_channel(&drain.done),
+            "a second drain started"
+        );
+        assert!(joined.removed && joined.runtime, "{joined:?}");
+
+        return_to_config(&state);
+        assert_eq!(state.status(), BackendStatus::Draining);
+        assert!(state.drain().is_some_and(|d| !d.removed && d.runtime));
+        drop(request);
+        assert_eq!(ended(&drain).await.end, "drained");
+        assert_eq!(state.status(), BackendStatus::Drained);
+    }
+
+    #[tokio::test]
+    async fn removal_of_a_drained_backend_keeps_the_operators_drain_if_it_returns() {
+        let state = backend();
+        ended(&begin(&state, false).unwrap()).await;
+        // Left to its own timeout when the drain ended; it holds the removal's drain open.
+        let request = state.start_request();
+        let removal = begin(&state, true).unwrap();
+        assert!(removal.removed && removal.runtime, "{removal:?}");
+
+        return_to_config(&state);
+        assert_eq!(state.status(), BackendStatus::Draining);
+        drop(request);
+        assert_eq!(ended(&removal).await.end, "drained");
+        assert_eq!(state.status(), BackendStatus::Drained);
+    }
+
+    #[tokio::test]
+    async fn removal_drain_is_called_off_when_the_backend_returns() {
+        let state = backend();
+        let request = state.start_request();
+        let removal = begin(&state, true).unwrap();
+        assert_eq!(
+            undrain(&state),
+            Err(BackendStatus::Draining),
+            "undrained while leaving the config"
+        );
+        return_to_config(&state);
+        assert_eq!(state.status(), BackendStatus::Active);
+        assert_eq!(ended(&removal).await.end, "cancelled");
+        drop(request);
+        assert_eq!(state.status(), BackendStatus::Active);
     }
 }

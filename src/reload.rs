@@ -303,16 +303,13 @@ impl Server {
                 .max()
                 .unwrap_or(Duration::from_secs(30));
             if let Some(state) = registry.get(*address) {
-                drain::start(&state, timeout, true, self.drain_end_hook());
+                // A Retired one is being released already; nothing to drain.
+                let _ = drain::start(&state, timeout, true, self.drain_end_hook());
             }
         }
         for address in all_backends(&config) {
             if let Some(state) = registry.get(address) {
-                // Back in the config while draining out of it: active again, state intact. A
-                // runtime drain (operator's decision) is left as it is.
-                if state.drain().is_some_and(|d| d.removed) {
-                    drain::cancel(&state);
-                }
+                drain::return_to_config(&state);
             }
         }
 

@@ -797,6 +797,37 @@ async fn runtime_drain_rejects_unknown_targets_and_bad_waits() {
     );
 }
 
+#[tokio::test]
+async fn runtime_drain_survives_the_backend_being_removed_and_added_back() {
+    let apps = apps(2).await;
+    let extra = "drain_timeout = \"30s\"";
+    let run = Running::start("round_robin", &weight_one(&apps), extra).await;
+    let (slow, x) = in_flight(run.proxy, &apps, "/sleep/1000", &[]).await;
+    let addr = apps[x].addr();
+    assert_eq!(run.runtime(addr, "drain", "").await.0, 202);
+
+    // Removed from the file while the operator's drain is under way, then added back.
+    run.reload("round_robin", &[(apps[1 - x].addr(), 1)], extra)
+        .await;
+    run.reload("round_robin", &weight_one(&apps), extra).await;
+    let entry = run.backend_status(addr).await.expect("listed");
+    assert_eq!(entry["state"], "draining", "{entry}");
+    assert_eq!(entry["drain_removed"], false, "{entry}");
+
+    assert_eq!(slow.await.unwrap().status, 200);
+    run.wait_for_state(addr, "drained").await;
+    run.wait_for_drains("drained", 1).await;
+    assert_eq!(run.drains("cancelled").await, 0);
+    let before = apps[x].requests();
+    let seen = backends_of(run.proxy, 4).await;
+    assert!(seen.iter().all(|b| b == apps[1 - x].name()), "{seen:?}");
+    assert_eq!(apps[x].requests(), before, "a drained backend got work");
+
+    assert_eq!(run.runtime(addr, "undrain", "").await.0, 200);
+    let seen = backends_of(run.proxy, 4).await;
+    assert!(seen.iter().any(|b| b == apps[x].name()), "{seen:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sticky clients of a draining backend
 // ---------------------------------------------------------------------------------------------
@@ -843,6 +874,8 @@ async fn sticky_after_removal(
     let reply = slow.await.unwrap();
     assert_eq!(reply.status, 200, "{reply:?}");
     run.wait_for_state(apps[x].addr(), "unlisted").await;
+    // Released, it has left the pool: there is nothing to undrain.
+    assert_eq!(run.runtime(apps[x].addr(), "undrain", "").await.0, 404);
     (apps, x, token, same, fresh)
 }
 

@@ -126,28 +126,31 @@ async fn runtime_drain(
     };
     let state = Arc::clone(&member.state);
     if action == "undrain" {
-        if state.drain().is_some_and(|d| d.removed) || state.status() == BackendStatus::Retired {
+        if drain::undrain(&state).is_err() {
             return text(
                 StatusCode::CONFLICT,
                 "backend was removed from the config; add it back to proxy.toml instead\n",
             );
         }
-        drain::cancel(&state);
         return json_response(StatusCode::OK, &backend_json(&state, member.spec.weight));
     }
     let wait = match parse_wait(query) {
         Ok(wait) => wait,
         Err(message) => return text(StatusCode::BAD_REQUEST, message),
     };
-    if state.status() == BackendStatus::Drained {
-        return json_response(StatusCode::OK, &backend_json(&state, member.spec.weight));
-    }
-    let started = drain::start(
+    let started = match drain::start(
         &state,
         pool.config.drain_timeout,
         false,
         server.drain_end_hook(),
-    );
+    ) {
+        Ok(started) => started,
+        Err(BackendStatus::Drained) => {
+            return json_response(StatusCode::OK, &backend_json(&state, member.spec.weight))
+        }
+        // Retired since this snapshot was loaded: it has left the pool.
+        Err(_) => return text(StatusCode::NOT_FOUND, "no such backend in this pool\n"),
+    };
     let mut done = started.done.clone();
     let finished = match wait {
         Some(wait) => tokio::time::timeout(wait, done.wait_for(|d| d.is_some()))

@@ -120,20 +120,51 @@ impl BackendState {
     }
 
     // Drain transitions below hold the drain lock while they read and write the status, so a
-    // drain ending, starting and being called off on different threads cannot interleave.
+    // drain ending, starting and being called off on different threads cannot interleave. Under
+    // the lock, a drain is in the slot exactly while the status is Draining.
 
-    /// Starts the drain `make` builds, unless one is under way; then a removal marks the existing
-    /// one as removed. Returns the drain in force and whether it is new.
-    pub(crate) fn begin_drain(&self, removed: bool, make: impl FnOnce() -> Drain) -> (Drain, bool) {
+    /// Starts the drain `make` builds, for a removal from the config (`removed`) or at runtime.
+    /// A drain already under way is joined instead, taking on this reason too. Returns the drain in
+    /// force and whether it is new, or the status that refused it: Retired (released; it never
+    /// comes back) or, for a runtime drain, Drained (nothing left to do).
+    pub(crate) fn begin_drain(
+        &self,
+        removed: bool,
+        make: impl FnOnce() -> Drain,
+    ) -> Result<(Drain, bool), BackendStatus> {
         let mut slot = self.lock_drain();
-        if let Some(existing) = slot.as_mut() {
-            existing.removed |= removed;
-            return (existing.clone(), false);
+        let status = self.status();
+        match status {
+            BackendStatus::Retired => return Err(status),
+            BackendStatus::Drained if !removed => return Err(status),
+            _ => {}
         }
-        let drain = make();
+        if let Some(existing) = slot.as_mut() {
+            if removed {
+                existing.removed = true;
+            } else {
+                existing.runtime = true;
+            }
+            return Ok((existing.clone(), false));
+        }
+        let mut drain = make();
+        // Removing a backend the operator drained: should it come back to the config before this
+        // drain ends, it is still the operator's to undrain.
+        drain.runtime |= status == BackendStatus::Drained;
         *slot = Some(drain.clone());
         self.set_status(BackendStatus::Draining);
-        (drain, true)
+        Ok((drain, true))
+    }
+
+    /// Whether the backend is Draining under the drain whose outcome goes to `done`, not under one
+    /// started after that one was called off.
+    pub(crate) fn is_draining_with(&self, done: &watch::Receiver<Option<DrainOutcome>>) -> bool {
+        self.in_force(&self.lock_drain(), done)
+    }
+
+    fn in_force(&self, slot: &Option<Drain>, done: &watch::Receiver<Option<DrainOutcome>>) -> bool {
+        slot.as_ref().is_some_and(|d| d.done.same_channel(done))
+            && self.status() == BackendStatus::Draining
     }
 
     /// Ends the drain whose outcome goes to `done`, if it is still the one in force: Retired when
@@ -143,32 +174,50 @@ impl BackendState {
         done: &watch::Receiver<Option<DrainOutcome>>,
     ) -> Option<BackendStatus> {
         let mut slot = self.lock_drain();
-        let ours = slot.as_ref().is_some_and(|d| d.done.same_channel(done));
-        if !ours || self.status() != BackendStatus::Draining {
+        if !self.in_force(&slot, done) {
             return None;
         }
-        let to = if slot.as_ref().is_some_and(|d| d.removed) {
+        let removed = slot.take().is_some_and(|d| d.removed);
+        let to = if removed {
             BackendStatus::Retired
         } else {
             BackendStatus::Drained
         };
-        *slot = None;
         self.set_status(to);
         Some(to)
     }
 
-    /// Calls off a drain under way or ended at runtime: active again. Returns whether it did.
-    pub(crate) fn cancel_drain(&self) -> bool {
+    /// Back in the config: a drain for the removal is called off (active again, returns true),
+    /// unless the operator drained the backend too; that drain goes on and ends as Drained.
+    pub(crate) fn return_to_config(&self) -> bool {
         let mut slot = self.lock_drain();
-        if !matches!(
-            self.status(),
-            BackendStatus::Draining | BackendStatus::Drained
-        ) {
+        let Some(drain) = slot.as_mut().filter(|d| d.removed) else {
+            return false;
+        };
+        drain.removed = false;
+        if drain.runtime {
             return false;
         }
         *slot = None;
         self.set_status(BackendStatus::Active);
         true
+    }
+
+    /// The operator's undrain: a runtime drain under way or ended is called off (active again,
+    /// returns true). Refused with the status when the backend is leaving the config: Draining
+    /// for a removal, or Retired.
+    pub(crate) fn undrain(&self) -> Result<bool, BackendStatus> {
+        let mut slot = self.lock_drain();
+        let status = self.status();
+        if status == BackendStatus::Retired || slot.as_ref().is_some_and(|d| d.removed) {
+            return Err(status);
+        }
+        if !matches!(status, BackendStatus::Draining | BackendStatus::Drained) {
+            return Ok(false);
+        }
+        *slot = None;
+        self.set_status(BackendStatus::Active);
+        Ok(true)
     }
 
     /// Requests finished since the process started (sent minus still in flight).
@@ -269,8 +318,11 @@ pub struct Drain {
     pub started: Instant,
     /// When upgraded connections still open are cut.
     pub deadline: Instant,
-    /// Whether the backend left the config (→ Retired) or was drained at runtime (→ Drained).
+    /// Whether the backend left the config: the drain ends Retired. Cleared when it comes back.
     pub removed: bool,
+    /// Whether the operator drained it (admin API): kept across a removal and a return to the
+    /// config, so it ends Drained unless removed, and only `/undrain` calls it off.
+    pub runtime: bool,
     /// `completed()` when the drain started.
     pub completed_at_start: u64,
     /// `upgraded_cut()` when the drain started.
