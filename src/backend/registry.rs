@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use super::state::BackendState;
+use super::state::{BackendState, BackendStatus};
 
 /// Live state of every backend that is in the config or still draining, keyed by address.
 /// Touched only when a snapshot is built, never per request.
@@ -20,13 +20,20 @@ impl Registry {
     }
 
     /// The state for `address`, created on first use; the same `Arc` for as long as it is held.
+    /// A Retired entry is replaced by a fresh one: its drain has ended and the drain's end hook is
+    /// about to release it, so a reload adding the address back in between must not pick it up
+    /// (Retired takes no work, ever).
     pub fn get_or_create(&self, address: SocketAddr) -> Arc<BackendState> {
         let mut backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(
-            backends
-                .entry(address)
-                .or_insert_with(|| BackendState::new(address)),
-        )
+        let state = backends
+            .entry(address)
+            .and_modify(|state| {
+                if state.status() == BackendStatus::Retired {
+                    *state = BackendState::new(address);
+                }
+            })
+            .or_insert_with(|| BackendState::new(address));
+        Arc::clone(state)
     }
 
     /// The state for `address`, if it is known.
@@ -47,5 +54,31 @@ impl Registry {
         let mut all: Vec<_> = backends.values().cloned().collect();
         all.sort_by_key(|b| b.address());
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn retired_entry_is_replaced_not_reused() {
+        let registry = Registry::new();
+        let address = "192.0.2.10:80".parse().unwrap();
+        let first = registry.get_or_create(address);
+        assert!(Arc::ptr_eq(&first, &registry.get_or_create(address)));
+
+        // The drain ends without the hook that would release it: the moment a reload may see it.
+        let drain = crate::drain::start(&first, Duration::from_secs(5), true, |_, _| {}).unwrap();
+        let mut done = drain.done.clone();
+        done.wait_for(Option::is_some).await.unwrap();
+        assert_eq!(first.status(), BackendStatus::Retired);
+
+        let again = registry.get_or_create(address);
+        assert!(!Arc::ptr_eq(&first, &again), "the retired state was reused");
+        assert_eq!(again.status(), BackendStatus::Active);
+        assert!(Arc::ptr_eq(&again, &registry.get(address).unwrap()));
     }
 }
