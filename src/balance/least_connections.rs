@@ -1,12 +1,14 @@
-//! Least connections: the backend with the fewest in-flight requests relative to its weight, read
-//! from the live state that every pool naming the same address shares.
+//! Least connections: the backend with the fewest open requests and upgraded connections relative
+//! to its weight, read from the live state that every pool naming the same address shares.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{Candidates, Choice, RequestFacts, Strategy};
 use crate::config::BackendSpec;
 
-/// Fewest in-flight requests per unit of weight; equal backends take turns.
+/// Fewest in-flight requests plus open upgraded connections (WebSockets) per unit of weight;
+/// equal backends take turns. Upgraded connections count because a tunnel stops being in flight
+/// when its 101 is returned, yet holds the backend for as long as it stays open.
 #[derive(Debug)]
 pub struct LeastConnections {
     weights: Vec<u64>,
@@ -39,7 +41,8 @@ impl Strategy for LeastConnections {
             if !candidates.is_ready(i) {
                 continue;
             }
-            let load = members[i].state.in_flight();
+            let state = &members[i].state;
+            let load = state.in_flight() + state.upgraded();
             // load_i / w_i < load_b / w_b, compared without division.
             let better = match best {
                 None => true,
@@ -98,6 +101,21 @@ mod tests {
         let _a: Vec<_> = (0..2).map(|_| members[0].state.start_request()).collect();
         let _b = members[1].state.start_request();
         assert_eq!(lc.choose(&facts(&headers), &c).unwrap().index, 0);
+    }
+
+    #[test]
+    fn open_upgraded_connections_count_as_load() {
+        let members = members(&[1, 1]);
+        let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
+        let lc = LeastConnections::new(&specs);
+        let headers = HeaderMap::new();
+        let c = Candidates::new(&members, 2, &[]);
+        // Two WebSockets open on 0, one plain request in flight on 1: 1 is the less loaded.
+        let _tunnels: Vec<_> = (0..2).map(|_| members[0].state.start_upgrade()).collect();
+        let _request = members[1].state.start_request();
+        for _ in 0..4 {
+            assert_eq!(lc.choose(&facts(&headers), &c).unwrap().index, 1);
+        }
     }
 
     #[test]
