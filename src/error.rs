@@ -94,15 +94,4 @@ impl ProxyError {
             ProxyError::BadRequest { .. } => "bad request\n",
         }
     }
-
-    /// The backend involved, if any.
-    pub fn backend(&self) -> Option<SocketAddr> {
-        match self {
-            ProxyError::Connect { backend, .. }
-            | ProxyError::ConnectTimeout { backend }
-            | ProxyError::ResponseTimeout { backend }
-            | ProxyError::Upstream { backend, .. } => Some(*backend),
-            _ => None,
-        }
-    }
 }

@@ -47,14 +47,6 @@ impl Registry {
         let mut backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
         backends.remove(&address)
     }
-
-    /// Every known backend, in address order.
-    pub fn all(&self) -> Vec<Arc<BackendState>> {
-        let backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        let mut all: Vec<_> = backends.values().cloned().collect();
-        all.sort_by_key(|b| b.address());
-        all
-    }
 }
 
 #[cfg(test)]
