@@ -63,18 +63,59 @@ impl Metrics {
         String::from_utf8(out).expect("the text format is UTF-8")
     }
 
-    /// Records that a config was loaded successfully now.
-    pub fn reload_succeeded(&self) {
-        self.reloads.with_label_values(&["ok"]).inc();
+    /// Records the config loaded at startup: the success timestamp only, since a start is not a
+    /// reload.
+    pub fn loaded(&self) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         self.last_reload_success.set(now);
+    }
+
+    /// Records a reload that was applied, now.
+    pub fn reload_succeeded(&self) {
+        self.reloads.with_label_values(&["ok"]).inc();
+        self.loaded();
+    }
+
+    /// Records a reload that changed nothing (invalid file, or a listener that could not be bound).
+    pub fn reload_failed(&self) {
+        self.reloads.with_label_values(&["error"]).inc();
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(metrics: &Metrics, name: &str) -> Option<String> {
+        metrics.render().lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .map(str::to_owned)
+        })
+    }
+
+    #[test]
+    fn a_start_is_not_counted_as_a_reload() {
+        let metrics = Metrics::new();
+        metrics.loaded();
+        let stamp = "switchyard_config_last_reload_success_timestamp_seconds";
+        assert!(series(&metrics, stamp).is_some_and(|v| v != "0"));
+        let ok = "switchyard_config_reloads_total{result=\"ok\"}";
+        assert_eq!(series(&metrics, ok), None);
+
+        metrics.reload_succeeded();
+        metrics.reload_failed();
+        metrics.reload_failed();
+        assert_eq!(series(&metrics, ok).as_deref(), Some("1"));
+        let error = "switchyard_config_reloads_total{result=\"error\"}";
+        assert_eq!(series(&metrics, error).as_deref(), Some("2"));
     }
 }

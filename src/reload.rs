@@ -261,7 +261,7 @@ impl Server {
         match Config::load(&path) {
             Ok(config) => self.reload(config).await,
             Err(errors) => {
-                self.metrics().reloads.with_label_values(&["error"]).inc();
+                self.metrics().reload_failed();
                 tracing::error!(
                     "config reload failed, still serving the last good config:\n{errors}"
                 );
@@ -285,7 +285,7 @@ impl Server {
         let new_listeners = match self.bind_new_listeners(&config).await {
             Ok(bound) => bound,
             Err(source) => {
-                self.metrics().reloads.with_label_values(&["error"]).inc();
+                self.metrics().reload_failed();
                 let error = bind_error(source);
                 tracing::error!(%error, "config reload failed, still serving the last good config");
                 return Err(error);
