@@ -6,17 +6,21 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
-/// Hop-by-hop headers that are always removed (RFC 9110 §7.6.1), `Upgrade` aside.
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// Headers that never cross the proxy in either direction, `Upgrade` and the headers `Connection`
+/// names aside: the hop-by-hop ones (RFC 9110 §7.6.1) and `Proxy-Authenticate`.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
-    header::PROXY_AUTHENTICATE, // not strictly hop-by-hop, but meant for this proxy, not the backend
     HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    // A backend's challenge for proxy credentials is addressed to the next client on the response
+    // chain (RFC 9110 §11.7.1), which is this proxy; passed on, it would have clients send
+    // credentials to a proxy that asks for none.
+    header::PROXY_AUTHENTICATE,
 ];
 
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 /// `X-Forwarded-For`.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
@@ -24,17 +28,25 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 /// `X-Forwarded-Host`.
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// The comma-separated tokens of every `Connection` header, trimmed; values that are not visible
+/// ASCII are skipped.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 /// Removes hop-by-hop headers: `Connection`, every header it names, and the fixed list. With
 /// `upgrading`, `Upgrade` and `Connection: upgrade` are kept so the handshake reaches the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     // Headers named by Connection are hop-by-hop too; collect them first (rare, so allocation is ok).
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .filter(|name| !(upgrading && name == header::UPGRADE))
             .collect();
         for name in named {
@@ -44,7 +56,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     for name in HOP_BY_HOP.iter() {
         headers.remove(name);
     }
-    headers.remove(PROXY_CONNECTION);
     if upgrading {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
@@ -52,15 +63,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     }
 }
 
+/// Removes `Proxy-Authorization` from a request: the client's credentials are for this proxy
+/// (RFC 9110 §11.7.2), which checks none, and must not reach a backend. Requests only; a response
+/// has no such header to carry.
+pub fn strip_proxy_credentials(headers: &mut HeaderMap) {
+    headers.remove(header::PROXY_AUTHORIZATION);
+}
+
 /// Whether a request asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 /// Appends `client` to `X-Forwarded-For` (joining repeated headers into one), and sets
@@ -167,6 +180,45 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn proxy_authenticate_is_stripped_and_credentials_only_on_request() {
+        let mut response = HeaderMap::new();
+        response.insert(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"backend\""),
+        );
+        response.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
+        strip_hop_by_hop(&mut response, false);
+        let names: Vec<_> = response.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["www-authenticate"]);
+
+        let mut request = HeaderMap::new();
+        request.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic dXNlcjpzZWNyZXQ="),
+        );
+        request.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        strip_hop_by_hop(&mut request, false);
+        strip_proxy_credentials(&mut request);
+        let names: Vec<_> = request.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["authorization"]);
+    }
+
+    #[test]
+    fn connection_tokens_are_read_across_headers_and_commas() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive,, x-a"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static(" Upgrade "));
+        let tokens: Vec<_> = connection_tokens(&h).collect();
+        assert_eq!(tokens, vec!["keep-alive", "x-a", "Upgrade"]);
+        assert!(!wants_upgrade(&h), "no Upgrade header");
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
     }
 
     #[test]
