@@ -290,6 +290,38 @@ async fn raw_upgrade_backend() -> (SocketAddr, JoinHandle<()>) {
     (addr, task)
 }
 
+/// A keep-alive HTTP/1.1 backend that answers every request `ok`, `GET /sleep/{ms}` after that
+/// long; counts the connections open to it (accepted and not yet closed by the other end).
+async fn counting_backend() -> (SocketAddr, Arc<AtomicU64>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&open);
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                while let Some(head) = read_head(&mut stream).await {
+                    let sleep = head
+                        .strip_prefix("GET /sleep/")
+                        .and_then(|rest| rest.split(' ').next())
+                        .and_then(|ms| ms.parse().ok());
+                    if let Some(ms) = sleep {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if stream.write_all(ok).await.is_err() {
+                        break;
+                    }
+                }
+                count.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, open, task)
+}
+
 /// Reads one HTTP head, byte by byte so nothing after it is consumed.
 async fn read_head(stream: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();
@@ -795,6 +827,71 @@ async fn runtime_drain_rejects_unknown_targets_and_bad_waits() {
         "active",
         "a rejected drain changed state"
     );
+}
+
+#[tokio::test]
+async fn drain_closes_the_backends_idle_pooled_connections_at_once() {
+    let (backend, open, _task) = counting_backend().await;
+    let run = Running::start("round_robin", &[(backend, 1)], "drain_timeout = \"30s\"").await;
+    // Two requests at once open two connections, which the proxy then keeps, idle.
+    let (a, b) = tokio::join!(
+        get(run.proxy, "/sleep/200", &[]),
+        get(run.proxy, "/sleep/200", &[])
+    );
+    assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(open.load(Ordering::SeqCst), 2);
+    // One carries a slow request, which keeps the drain going; the other stays idle.
+    let proxy = run.proxy;
+    let slow = tokio::spawn(async move { get(proxy, "/sleep/1500", &[]).await });
+    let state = run.server.shared().registry.get(backend).unwrap();
+    wait_until("the slow request is in flight", || state.in_flight() == 1).await;
+    assert_eq!(
+        open.load(Ordering::SeqCst),
+        2,
+        "the slow request reconnected"
+    );
+
+    assert_eq!(run.runtime(backend, "drain", "").await.0, 202);
+    wait_until("the backend sees its idle connection closed", || {
+        open.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(!slow.is_finished(), "closed only when the drain ended");
+    assert_eq!(run.state_of(backend).await, "draining");
+
+    // The busy connection is not pooled again once its response ends.
+    assert_eq!(slow.await.unwrap().status, 200);
+    run.wait_for_state(backend, "drained").await;
+    wait_until("the backend sees the last connection closed", || {
+        open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn runtime_drained_backend_stays_drained_across_an_unrelated_reload() {
+    let apps = apps(2).await;
+    let run = Running::start("round_robin", &weight_one(&apps), "drain_timeout = \"30s\"").await;
+    let x = apps[0].addr();
+    assert_eq!(run.runtime(x, "drain", "?wait=5s").await.0, 200);
+
+    // Re-weights the other backend and changes the strategy; x stays in the config as it was.
+    run.reload(
+        "least_connections",
+        &[(x, 1), (apps[1].addr(), 3)],
+        "drain_timeout = \"30s\"",
+    )
+    .await;
+    assert_eq!(run.state_of(x).await, "drained");
+    let before = apps[0].requests();
+    let seen = backends_of(run.proxy, 6).await;
+    assert!(seen.iter().all(|b| b == apps[1].name()), "{seen:?}");
+    assert_eq!(apps[0].requests(), before);
+
+    assert_eq!(run.runtime(x, "undrain", "").await.0, 200);
+    let seen = backends_of(run.proxy, 8).await;
+    assert!(seen.iter().any(|b| b == apps[0].name()), "{seen:?}");
 }
 
 #[tokio::test]
