@@ -234,6 +234,14 @@ impl BackendState {
         self.upgraded_cut.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Whether a drain has ended (Drained or Retired): no request may start here now.
+    pub fn is_out_of_rotation(&self) -> bool {
+        matches!(
+            BackendStatus::from_u8(self.status.load(Ordering::SeqCst)),
+            BackendStatus::Drained | BackendStatus::Retired
+        )
+    }
+
     /// Requests in flight (headers sent, response body not yet finished).
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
@@ -256,7 +264,11 @@ impl BackendState {
 
     /// Counts a request until the returned guard is dropped (when the response body ends).
     pub fn start_request(self: &Arc<Self>) -> InFlightGuard {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        // SeqCst with the drain's quiet check and status store: a request counted after a drain
+        // saw zero is turned away by the caller's `is_out_of_rotation` check, but for a window of
+        // a few instructions; one that slips through still completes (the backend is out of
+        // rotation, not gone).
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             state: Arc::clone(self),

@@ -135,6 +135,18 @@ async fn forward<'s>(
         log.backend = Some(member.spec.address);
         log.affinity = choice.affinity;
         let guard = member.state.start_request();
+        if member.state.is_out_of_rotation() {
+            // Its drain ended between the choice and the count: choose again.
+            drop(guard);
+            tried[attempts] = choice.index;
+            attempts += 1;
+            if attempts == MAX_ATTEMPTS {
+                return Err(last_error.unwrap_or_else(|| ProxyError::NoBackend {
+                    pool: pool.name().to_owned(),
+                }));
+            }
+            continue;
+        }
         let timeouts = &snapshot.config.timeouts;
         match member.state.pool.send(upstream, timeouts).await {
             Ok((mut response, pooled)) => {
@@ -239,6 +251,7 @@ fn upstream_request(
     })?;
     parts.version = Version::HTTP_11;
     headers::strip_hop_by_hop(&mut parts.headers, upgrading);
+    headers::strip_proxy_credentials(&mut parts.headers);
     let host = parts.headers.get(header::HOST).cloned();
     // Each hop appends the peer it talked to, not the client it resolved for hashing.
     headers::set_forwarded(

@@ -70,7 +70,7 @@ impl Server {
     pub async fn start(config: Config) -> std::io::Result<Arc<Server>> {
         let bound = bind_all(&wanted_listeners(&config)).await?;
         let metrics = Metrics::new();
-        metrics.reload_succeeded();
+        metrics.loaded();
         let server = Arc::new(Server {
             shared: Shared::new(config),
             listeners: Mutex::new(BTreeMap::new()),
