@@ -144,3 +144,70 @@ impl Shared {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(routes: &str) -> Snapshot {
+        let text = format!(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:0"
+{routes}
+[pools.api]
+strategy = "round_robin"
+backends = [{{ address = "127.0.0.1:9001" }}]
+
+[pools.web]
+strategy = "round_robin"
+backends = [{{ address = "127.0.0.1:9002" }}]
+"#
+        );
+        let config = Config::from_str(&text, std::path::Path::new("t.toml")).unwrap();
+        Snapshot::build(Arc::new(config), &Registry::new(), None)
+    }
+
+    fn pool_for(s: &Snapshot, host: Option<&str>, path: &str) -> Option<String> {
+        s.route(host, path).map(|p| p.name().to_owned())
+    }
+
+    #[test]
+    fn first_matching_route_wins_with_host_and_prefix() {
+        let s = snapshot(
+            r#"
+[[routes]]
+host = "api.example.com"
+path_prefix = "/api"
+pool = "api"
+
+[[routes]]
+path_prefix = "/api"
+pool = "web"
+"#,
+        );
+        assert_eq!(
+            pool_for(&s, Some("API.Example.com"), "/api/x").as_deref(),
+            Some("api")
+        );
+        // A plain string prefix: "/api" also matches "/apis".
+        assert_eq!(
+            pool_for(&s, Some("api.example.com"), "/apis").as_deref(),
+            Some("api")
+        );
+        // Other host: the second route.
+        assert_eq!(
+            pool_for(&s, Some("other.example"), "/api").as_deref(),
+            Some("web")
+        );
+        assert_eq!(pool_for(&s, None, "/api").as_deref(), Some("web"));
+        // Nothing matches: no pool (404).
+        assert_eq!(pool_for(&s, Some("api.example.com"), "/"), None);
+    }
+
+    #[test]
+    fn route_without_matchers_matches_everything() {
+        let s = snapshot("[[routes]]\npool = \"web\"\n");
+        assert_eq!(pool_for(&s, None, "/anything").as_deref(), Some("web"));
+    }
+}

@@ -46,3 +46,54 @@ async fn sigterm_lets_the_in_flight_request_finish_and_exits_0() {
     assert_eq!(status.code(), Some(0), "{}", process.log());
     assert!(process.log().contains("shutting down"));
 }
+
+/// SIGINT too stops the proxy, and `timeouts.shutdown` bounds the wait for a request that would take
+/// longer: the process exits 0 soon after the limit instead of waiting 10s for the backend.
+#[tokio::test]
+async fn sigint_with_a_long_request_exits_after_the_shutdown_limit() {
+    let apps = apps(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tail = "[timeouts]\nshutdown = \"500ms\"\n";
+    let path = write_config(
+        dir.path(),
+        "proxy.toml",
+        &one_pool("round_robin", &weight_one(&apps), tail),
+    );
+    let mut process = ProxyProcess::start(&path);
+    let addr = process.addr;
+    let _request = tokio::spawn(async move {
+        let client = client();
+        let request = http::Request::get(format!("http://{addr}/sleep/10000"))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        // The connection is cut at the shutdown limit; the outcome is not what is tested here.
+        let _ = client.request(request).await;
+    });
+    wait_until("the request reaches the backend", || {
+        apps[0].in_flight() == 1
+    })
+    .await;
+    let signalled = std::time::Instant::now();
+    process.signal("INT");
+    let status = loop {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(5),
+            "still running 5s after SIGINT with shutdown = 500ms:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(400),
+        "did not wait for the request"
+    );
+    assert_eq!(status.code(), Some(0), "{}", process.log());
+    assert!(
+        process.log().contains("shutdown timeout reached"),
+        "{}",
+        process.log()
+    );
+}

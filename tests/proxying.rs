@@ -306,3 +306,65 @@ async fn idle_client_connections_are_closed_but_waiting_ones_are_not() {
         .expect("not cut while waiting");
     assert_eq!(response.status(), 200);
 }
+
+/// A request counts against its backend until its response body has ended, not when headers arrive
+/// (least_connections and drains depend on it).
+#[tokio::test]
+async fn in_flight_lasts_until_the_response_body_ends() {
+    let apps = apps(1).await;
+    let (server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut conn = h1_connection::<ChannelBody>(proxy).await;
+    let request = Request::post("/echo")
+        .header("host", "flight.test")
+        .body(ChannelBody(rx))
+        .unwrap();
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    let response = conn.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first");
+    let state = server.shared().registry.get(apps[0].addr()).unwrap();
+    assert_eq!(
+        state.in_flight(),
+        1,
+        "headers arrived but the body is still streaming"
+    );
+    drop(tx);
+    while body.frame().await.is_some() {}
+    wait_until("in-flight released at the end of the body", || {
+        state.in_flight() == 0
+    })
+    .await;
+}
+
+/// `timeouts.client_header` cuts a client that trickles its headers, while other clients are served.
+#[tokio::test]
+async fn trickled_headers_are_cut_after_client_header() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let apps = apps(1).await;
+    let tail = "[timeouts]\nclient_header = \"300ms\"\n";
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), tail)).await;
+    let mut slow = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let started = std::time::Instant::now();
+    let trickle = async {
+        for byte in b"GET / HTTP/1.1\r\nhost: slow.test\r\nx-a: ".iter() {
+            if slow.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (_, reply) = tokio::join!(trickle, get(proxy, "/", &[]));
+    assert_eq!(reply.status, 200, "other clients are served meanwhile");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the trickling connection was not closed");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        apps[0].requests(),
+        1,
+        "the trickled request never reached the backend"
+    );
+}

@@ -373,4 +373,33 @@ mod tests {
         assert_ne!(choice.index, 1);
         assert!(choice.set_cookie.is_some());
     }
+
+    #[test]
+    fn max_age_and_secure_attributes_and_sliding_expiry() {
+        let members = members(&[1, 1]);
+        let mut cfg = config(&["0123456789abcdef"]);
+        cfg.max_age = Some(Duration::from_secs(3600));
+        cfg.secure = true;
+        let a = affinity(&cfg, &members);
+        let c = Candidates::new(&members, 2, &[]);
+        let new = a.choose(&facts(&HeaderMap::new()), &c).unwrap();
+        let set = new.set_cookie.unwrap();
+        let set = set.to_str().unwrap();
+        assert!(
+            set.contains("Max-Age=3600") && set.contains("Secure"),
+            "{set}"
+        );
+        // Younger than half its age: no re-issue.
+        let young = a.token_for(1, unix_now() - 60);
+        let hit = a.choose(&facts(&with_cookie(&young)), &c).unwrap();
+        assert!(hit.set_cookie.is_none());
+        // Older than half its age: re-issued for the same backend, with a fresh issue time.
+        let old = a.token_for(1, unix_now() - 2000);
+        let hit = a.choose(&facts(&with_cookie(&old)), &c).unwrap();
+        assert_eq!((hit.index, hit.affinity), (1, Affinity::Hit));
+        let fresh = token_of(&hit.set_cookie.expect("sliding re-issue"));
+        let again = a.choose(&facts(&with_cookie(&fresh)), &c).unwrap();
+        assert_eq!(again.index, 1);
+        assert!(again.set_cookie.is_none());
+    }
 }
