@@ -30,6 +30,8 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     /// Timeouts shared by every listener and pool.
     pub timeouts: Timeouts,
+    /// `log_format` (default `text`): how access-log lines are written.
+    pub log_format: LogFormat,
 }
 
 /// `[admin]`.
@@ -37,6 +39,38 @@ pub struct Config {
 pub struct AdminConfig {
     /// `admin.listen`.
     pub listen: SocketAddr,
+    /// `admin.token`, or the value of `admin.token_env`: when set, admin requests must carry it as
+    /// `Authorization: Bearer …`. At least 16 bytes of printable ASCII without spaces.
+    pub token: Option<Vec<u8>>,
+}
+
+/// `log_format`: how access-log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `text`: `tracing`'s human-readable lines.
+    #[default]
+    Text,
+    /// `json`: one JSON object per line, for log shippers.
+    Json,
+}
+
+impl LogFormat {
+    /// The name used in `proxy.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+
+    /// Parses a `proxy.toml` log format name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
 }
 
 /// One `[[listeners]]` entry.

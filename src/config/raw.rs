@@ -24,6 +24,8 @@ use toml::Spanned;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// `log_format`: `text` or `json`. A top-level key, so it must come before the first table.
+    pub log_format: Option<Spanned<String>>,
     /// `[admin]`.
     pub admin: Option<RawAdmin>,
     /// `[[listeners]]`; `None` when absent, so an absent key and an empty list can be told apart.
@@ -44,6 +46,10 @@ pub struct RawConfig {
 pub struct RawAdmin {
     /// `listen`: `IP:port`.
     pub listen: Option<Spanned<String>>,
+    /// `token`: the Bearer token every admin request must carry.
+    pub token: Option<Spanned<String>>,
+    /// `token_env`: the environment variable holding the token, instead of `token`.
+    pub token_env: Option<Spanned<String>>,
 }
 
 /// One `[[listeners]]` entry.

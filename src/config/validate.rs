@@ -23,11 +23,12 @@ use super::raw::{
     RawTimeouts,
 };
 use super::{
-    AdminConfig, BackendSpec, Config, CookieConfig, DrainSticky, ListenerConfig, PoolConfig,
-    RouteConfig, StrategyKind, Timeouts,
+    AdminConfig, BackendSpec, Config, CookieConfig, DrainSticky, ListenerConfig, LogFormat,
+    PoolConfig, RouteConfig, StrategyKind, Timeouts,
 };
 
 /// Signing keys shorter than this are guessable; HMAC-SHA256 wants at least this much entropy.
+/// The admin token shares the floor: it guards the same proxy.
 const MIN_SECRET_BYTES: usize = 16;
 const MAX_WEIGHT: i64 = 1000;
 const DEFAULT_WEIGHT: u32 = 1;
@@ -163,6 +164,7 @@ impl Checker<'_> {
             .map(|(name, pool)| (name.get_ref().clone(), self.pool(name, pool)))
             .collect();
         let timeouts = self.timeouts(raw.timeouts.as_ref());
+        let log_format = self.log_format(raw.log_format.as_ref());
         Config {
             path: self.file.to_path_buf(),
             admin,
@@ -170,10 +172,27 @@ impl Checker<'_> {
             routes,
             pools,
             timeouts,
+            log_format,
         }
     }
 
+    fn log_format(&mut self, raw: Option<&Spanned<String>>) -> LogFormat {
+        let Some(raw) = raw else {
+            return LogFormat::default();
+        };
+        LogFormat::parse(raw.get_ref()).unwrap_or_else(|| {
+            let message = format!(
+                "unknown log_format `{}`; expected `text` or `json`",
+                raw.get_ref()
+            );
+            self.report("log_format", Some(raw.span()), message);
+            LogFormat::default()
+        })
+    }
+
     fn admin(&mut self, raw: &RawAdmin) -> Option<AdminConfig> {
+        // Checked before `listen` so that a missing listen does not hide token errors.
+        let token = self.admin_token(raw);
         let Some(listen) = &raw.listen else {
             self.report(
                 "admin.listen",
@@ -183,7 +202,58 @@ impl Checker<'_> {
             return None;
         };
         let listen = self.socket_addr("admin.listen", listen)?;
-        Some(AdminConfig { listen })
+        Some(AdminConfig { listen, token })
+    }
+
+    /// `admin.token` or the value of `admin.token_env`; `None` when neither is set, and after the
+    /// problems that leave no token to check.
+    fn admin_token(&mut self, raw: &RawAdmin) -> Option<Vec<u8>> {
+        let (key, span, what, token) = match (&raw.token, &raw.token_env) {
+            (None, None) => return None,
+            (Some(_), Some(var)) => {
+                let message = "`token` and `token_env` are both set; keep one".to_owned();
+                self.report("admin.token_env", Some(var.span()), message);
+                return None;
+            }
+            (Some(token), None) => (
+                "admin.token",
+                token.span(),
+                "token".to_owned(),
+                token.get_ref().clone(),
+            ),
+            (None, Some(var)) => {
+                let name = var.get_ref();
+                if name.is_empty() {
+                    let message = "token_env must name an environment variable".to_owned();
+                    self.report("admin.token_env", Some(var.span()), message);
+                    return None;
+                }
+                // Unlike a cookie secret, an unset token is always an error: running the admin
+                // API open because a deploy forgot a variable is the failure the key prevents.
+                let Some(value) = (self.env)(name).filter(|value| !value.is_empty()) else {
+                    let message = format!("environment variable `{name}` is unset or empty");
+                    self.report("admin.token_env", Some(var.span()), message);
+                    return None;
+                };
+                (
+                    "admin.token_env",
+                    var.span(),
+                    format!("the token in `{name}`"),
+                    value,
+                )
+            }
+        };
+        self.check_secret_length(key, span.clone(), &what, &token);
+        // A header value cannot carry control characters, and HTTP strips surrounding spaces, so
+        // such a token could never match.
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            let message = format!(
+                "{what} must be printable ASCII without spaces, as it is sent in an \
+                 Authorization header"
+            );
+            self.report(key, Some(span), message);
+        }
+        Some(token.into_bytes())
     }
 
     fn listeners(
@@ -948,8 +1018,11 @@ mod tests {
     }
 
     const EXAMPLE: &str = r#"
+log_format = "json"          # text | json
+
 [admin]                      # optional
 listen = "127.0.0.1:9901"
+token = "0123456789abcdef-admin"
 
 [[listeners]]                # at least one
 listen = "127.0.0.1:8080"
@@ -991,9 +1064,11 @@ shutdown = "1s"
         assert_eq!(
             config.admin,
             Some(AdminConfig {
-                listen: "127.0.0.1:9901".parse().unwrap()
+                listen: "127.0.0.1:9901".parse().unwrap(),
+                token: Some(b"0123456789abcdef-admin".to_vec()),
             })
         );
+        assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(
             config.listeners,
             [ListenerConfig {
@@ -1075,6 +1150,7 @@ secret = "0123456789abcdef"
         )
         .unwrap();
         assert_eq!(config.admin, None);
+        assert_eq!(config.log_format, LogFormat::Text);
         assert!(config.routes.is_empty());
         assert_eq!(
             config.timeouts,
@@ -1101,6 +1177,146 @@ secret = "0123456789abcdef"
                 secure: false,
             })
         );
+    }
+
+    const ADMIN: &str = r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+
+[admin]
+listen = "127.0.0.1:9901"
+"#;
+
+    #[test]
+    fn admin_token_is_optional() {
+        let admin = check(ADMIN).unwrap().admin.unwrap();
+        assert_eq!(admin.token, None);
+    }
+
+    #[test]
+    fn admin_token_env_is_read() {
+        let config = parse_with_env(
+            &format!("{ADMIN}token_env = \"ADMIN_TOKEN\"\n"),
+            Path::new("proxy.toml"),
+            &|name| (name == "ADMIN_TOKEN").then(|| "0123456789abcdef,fedcba".to_owned()),
+        )
+        .unwrap();
+        // Unlike a cookie secret, the token is the whole value: a comma is not a separator.
+        assert_eq!(
+            config.admin.unwrap().token.as_deref(),
+            Some(&b"0123456789abcdef,fedcba"[..])
+        );
+    }
+
+    #[test]
+    fn rejects_short_admin_token() {
+        let error = only_error(
+            &format!("{ADMIN}token = \"fifteen-bytes!!\"\n"),
+            "admin.token",
+            Some(11),
+        );
+        assert_eq!(error.message, "token is 15 bytes; it must be at least 16");
+        assert!(check(&format!("{ADMIN}token = \"sixteen-bytes!!!\"\n")).is_ok());
+    }
+
+    #[test]
+    fn rejects_admin_token_that_cannot_be_a_header() {
+        let error = only_error(
+            &format!("{ADMIN}token = \"sixteen bytes!!!\"\n"),
+            "admin.token",
+            Some(11),
+        );
+        assert!(error.message.contains("printable ASCII"), "{error}");
+        only_error(
+            &format!("{ADMIN}token = \"sixteen-bytes-\\u00e9\"\n"),
+            "admin.token",
+            Some(11),
+        );
+    }
+
+    #[test]
+    fn rejects_both_admin_token_keys() {
+        let error = only_error(
+            &format!("{ADMIN}token = \"0123456789abcdef\"\ntoken_env = \"{SECRET_ENV}\"\n"),
+            "admin.token_env",
+            Some(12),
+        );
+        assert!(error.message.contains("both set"), "{error}");
+    }
+
+    #[test]
+    fn rejects_unset_empty_or_short_admin_token_env() {
+        let error = only_error(
+            &format!("{ADMIN}token_env = \"TEST_SWITCHYARD_UNSET\"\n"),
+            "admin.token_env",
+            Some(11),
+        );
+        assert_eq!(
+            error.message,
+            "environment variable `TEST_SWITCHYARD_UNSET` is unset or empty"
+        );
+        let with_env = |value: &'static str| {
+            parse_with_env(
+                &format!("{ADMIN}token_env = \"ADMIN_TOKEN\"\n"),
+                Path::new("proxy.toml"),
+                &move |name| (name == "ADMIN_TOKEN").then(|| value.to_owned()),
+            )
+            .unwrap_err()
+            .0
+        };
+        let errors = with_env("");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key, "admin.token_env");
+        assert!(
+            errors[0].message.contains("unset or empty"),
+            "{}",
+            errors[0]
+        );
+        let errors = with_env("short");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key, "admin.token_env");
+        // Says how long the token is, never what it is.
+        assert_eq!(
+            errors[0].message,
+            "the token in `ADMIN_TOKEN` is 5 bytes; it must be at least 16"
+        );
+        only_error(
+            &format!("{ADMIN}token_env = \"\"\n"),
+            "admin.token_env",
+            Some(11),
+        );
+    }
+
+    #[test]
+    fn admin_token_errors_are_reported_without_listen() {
+        let text = ADMIN.replace("listen = \"127.0.0.1:9901\"\n", "token = \"short\"\n");
+        let errors = check(&text).unwrap_err();
+        let keys: Vec<&str> = errors.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["admin.listen", "admin.token"]);
+    }
+
+    #[test]
+    fn rejects_unknown_log_format() {
+        let text = r#"log_format = "xml"
+
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#;
+        let error = only_error(text, "log_format", Some(1));
+        assert_eq!(
+            error.message,
+            "unknown log_format `xml`; expected `text` or `json`"
+        );
+        let config = check(&text.replace("xml", "text")).unwrap();
+        assert_eq!(config.log_format, LogFormat::Text);
     }
 
     #[test]
