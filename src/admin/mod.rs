@@ -1,5 +1,9 @@
-//! The admin listener: `GET /status`, `POST /reload`, runtime drain and undrain of a backend, and
-//! `GET /metrics`. State-changing endpoints accept only POST.
+//! The admin listener: the status page at `GET /`, `GET /status`, `POST /reload`, runtime drain and
+//! undrain of a backend, and `GET /metrics`. State-changing endpoints accept only POST.
+//!
+//! With `[admin] token`, every request but the status page's HTML must carry
+//! `Authorization: Bearer <token>`; the token is read from the current snapshot on each request,
+//! so a reload that changes it applies to the next request.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -16,6 +20,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -61,11 +67,29 @@ pub(crate) async fn serve(server: Arc<Server>, listener: TcpListener, stop: Canc
 
 type AdminResponse = Response<Full<Bytes>>;
 
+/// The status page: static HTML, CSS and JS in one file, filled in from `/status` by the browser.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// Inline script and style only (the page has no other kind), requests to this origin only, and no
+/// framing, so the page cannot be made to load or leak anything elsewhere.
+const STATUS_PAGE_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; connect-src 'self'; img-src 'none'; base-uri 'none'; \
+    form-action 'none'; frame-ancestors 'none'";
+
 async fn handle(server: &Arc<Server>, request: Request<Incoming>) -> AdminResponse {
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
     let method = request.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // The page's HTML is served without the token: a browser's address bar cannot send a header,
+    // and the HTML holds no data. The page takes the token from its URL fragment, which the
+    // browser never sends, and presents it on its own `/status` requests, which do need it.
+    if segments == [""] {
+        return only(&method, "GET", status_page);
+    }
+    if !authorized(server, request.headers()) {
+        return unauthorized();
+    }
     match segments.as_slice() {
         ["status"] => only(&method, "GET", || {
             json_response(StatusCode::OK, &status(&server.shared().snapshot.load()))
@@ -227,6 +251,73 @@ fn backend_json(state: &BackendState, weight: u32) -> serde_json::Value {
             .as_ref()
             .map(|d| d.deadline.saturating_duration_since(Instant::now()).as_secs_f64()),
     })
+}
+
+/// Whether `headers` carry the admin token, or no token is configured.
+fn authorized(server: &Server, headers: &HeaderMap) -> bool {
+    let snapshot = server.shared().snapshot.load();
+    let Some(token) = snapshot
+        .config
+        .admin
+        .as_ref()
+        .and_then(|a| a.token.as_ref())
+    else {
+        return true;
+    };
+    let Some(presented) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| bearer(value.as_bytes()))
+    else {
+        return false;
+    };
+    // Comparing digests makes both sides 32 bytes, so the time taken reveals neither the token's
+    // length nor how many of its leading bytes a guess got right.
+    Sha256::digest(presented)
+        .ct_eq(&Sha256::digest(token))
+        .into()
+}
+
+/// The credentials of an `Authorization: Bearer …` value; the scheme is case-insensitive (RFC 9110).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(b"bearer ".len())?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| rest.trim_ascii())
+}
+
+fn unauthorized() -> AdminResponse {
+    let mut response = text(
+        StatusCode::UNAUTHORIZED,
+        "the admin API needs Authorization: Bearer <token>\n",
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"switchyard admin\""),
+    );
+    response
+}
+
+fn status_page() -> AdminResponse {
+    let mut response = Response::new(Full::new(Bytes::from_static(STATUS_PAGE.as_bytes())));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(STATUS_PAGE_CSP),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 fn only(
