@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use switchyard::config::Config;
+use switchyard::config::{Config, LogFormat};
 use switchyard::reload::ReloadReport;
 use switchyard::server::Server;
 
@@ -33,13 +33,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match cli.command {
         Some(Command::Check { ref diff }) => check(&cli, diff.as_deref()),
         None => run(&cli),
@@ -73,6 +66,20 @@ fn check(cli: &Cli, current: Option<&std::path::Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or one JSON object per line.
+/// The format is read once at start: a reload cannot swap the subscriber.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
 fn run(cli: &Cli) -> ExitCode {
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -81,6 +88,7 @@ fn run(cli: &Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -313,7 +313,12 @@ impl Server {
             }
         }
 
-        let snapshot = Snapshot::build(Arc::new(config), registry, Some(&old));
+        let snapshot = Snapshot::build(
+            Arc::new(config),
+            registry,
+            &self.shared().metrics,
+            Some(&old),
+        );
         self.shared().snapshot.store(Arc::new(snapshot));
         self.adopt_listeners(new_listeners);
         self.stop_removed_listeners();
@@ -326,8 +331,12 @@ impl Server {
     pub(crate) async fn refresh(&self) {
         let _serialised = self.reload_lock.lock().await;
         let old = self.shared().snapshot.load_full();
-        let snapshot =
-            Snapshot::build(Arc::clone(&old.config), &self.shared().registry, Some(&old));
+        let snapshot = Snapshot::build(
+            Arc::clone(&old.config),
+            &self.shared().registry,
+            &self.shared().metrics,
+            Some(&old),
+        );
         self.shared().snapshot.store(Arc::new(snapshot));
     }
 

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use crate::backend::Registry;
 use crate::balance::{self, Member, Strategy};
 use crate::config::{Config, PoolConfig};
+use crate::metrics::{MemberMetrics, Metrics, PoolMetrics};
 
 /// One pool as built for a snapshot.
 #[derive(Debug)]
@@ -22,6 +23,10 @@ pub struct Pool {
     pub active: usize,
     /// The selection state built for exactly these members.
     pub strategy: Box<dyn Strategy>,
+    /// The pool's metric handles.
+    pub metrics: Arc<PoolMetrics>,
+    /// Each member's metric handles, by the same index as `members`.
+    pub member_metrics: Vec<Arc<MemberMetrics>>,
 }
 
 impl Pool {
@@ -51,9 +56,15 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds a snapshot, taking each backend's live state from `registry` (creating it for new
-    /// addresses). Members of `previous` that are draining and whose pool still exists stay reachable
-    /// after the active ones.
-    pub fn build(config: Arc<Config>, registry: &Registry, previous: Option<&Snapshot>) -> Self {
+    /// addresses) and its metric handles from `metrics` (dropping the series of pairs that are gone).
+    /// Members of `previous` that are draining and whose pool still exists stay reachable after the
+    /// active ones.
+    pub fn build(
+        config: Arc<Config>,
+        registry: &Registry,
+        metrics: &Metrics,
+        previous: Option<&Snapshot>,
+    ) -> Self {
         let pools: Vec<Pool> = config
             .pools
             .values()
@@ -78,14 +89,26 @@ impl Snapshot {
                     );
                 }
                 let strategy = balance::build(pool_config, &members, active);
+                let member_metrics = members
+                    .iter()
+                    .map(|m| metrics.member(&pool_config.name, m.spec.address))
+                    .collect();
                 Pool {
                     config: pool_config.clone(),
                     members,
                     active,
                     strategy,
+                    metrics: metrics.pool(&pool_config.name),
+                    member_metrics,
                 }
             })
             .collect();
+        let live_pools: Vec<&str> = pools.iter().map(|p| p.name()).collect();
+        let live_members: Vec<(&str, SocketAddr)> = pools
+            .iter()
+            .flat_map(|p| p.members.iter().map(move |m| (p.name(), m.spec.address)))
+            .collect();
+        metrics.retain(&live_pools, &live_members);
         let routes = config
             .routes
             .iter()
@@ -131,17 +154,23 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Live backend state by address.
     pub registry: Registry,
+    /// Every metric, with handles resolved per snapshot.
+    pub metrics: Metrics,
 }
 
 impl Shared {
     /// Shared state serving `config`.
     pub fn new(config: Config) -> Arc<Self> {
         let registry = Registry::new();
-        let snapshot = Snapshot::build(Arc::new(config), &registry, None);
-        Arc::new(Shared {
+        let metrics = Metrics::new();
+        let snapshot = Snapshot::build(Arc::new(config), &registry, &metrics, None);
+        let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
-        })
+            metrics,
+        });
+        shared.metrics.attach(&shared);
+        shared
     }
 }
 
@@ -165,7 +194,7 @@ backends = [{{ address = "127.0.0.1:9002" }}]
 "#
         );
         let config = Config::from_str(&text, std::path::Path::new("t.toml")).unwrap();
-        Snapshot::build(Arc::new(config), &Registry::new(), None)
+        Snapshot::build(Arc::new(config), &Registry::new(), &Metrics::new(), None)
     }
 
     fn pool_for(s: &Snapshot, host: Option<&str>, path: &str) -> Option<String> {

@@ -27,6 +27,16 @@ pub enum BackendStatus {
 }
 
 impl BackendStatus {
+    /// The name used in `/status` and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendStatus::Active => "active",
+            BackendStatus::Draining => "draining",
+            BackendStatus::Drained => "drained",
+            BackendStatus::Retired => "retired",
+        }
+    }
+
     fn from_u8(v: u8) -> Self {
         match v {
             0 => BackendStatus::Active,

@@ -6,6 +6,7 @@ pub mod headers;
 mod tunnel;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
@@ -18,6 +19,7 @@ use crate::backend::{SendError, UpstreamBody};
 use crate::balance::{Affinity, Candidates, Choice, RequestFacts};
 use crate::config::{PoolConfig, StrategyKind};
 use crate::error::ProxyError;
+use crate::metrics::MemberMetrics;
 use crate::state::{Pool, Shared, Snapshot};
 
 /// How many backends one request may be tried on: the first, and one retry on another backend when
@@ -33,23 +35,27 @@ pub struct ConnInfo {
     pub proto: &'static str,
 }
 
-/// Proxies one request and always returns a response: the backend's, or a short error.
+/// Proxies one request and always returns a response: the backend's, or a short error. The
+/// response body carries the request's [`Record`], which counts the request in the metrics and
+/// writes its access-log line when the body has been sent (or dropped).
 pub async fn handle(
     shared: &Shared,
     conn: &ConnInfo,
     request: Request<Incoming>,
-) -> Response<ProxyBody> {
-    let start = Instant::now();
+) -> Response<LoggedBody> {
     let snapshot = shared.snapshot.load_full();
-    // Cheap clones (reference-counted), so logging costs nothing when the access log is off.
-    let method = request.method().clone();
-    let uri = request.uri().clone();
-    let mut log = AccessLog {
-        pool: None,
-        backend: None,
+    let mut record = Record {
+        start: Instant::now(),
+        client: conn.peer,
+        // Cheap clones (reference-counted), so logging costs nothing when the access log is off.
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+        metrics: Arc::clone(shared.metrics.unrouted()),
         affinity: Affinity::None,
+        status: 0,
+        bytes: 0,
     };
-    let response = match forward(&snapshot, conn, request, &mut log).await {
+    let response = match forward(&snapshot, conn, request, &mut record).await {
         Ok(response) => response,
         Err(error) => {
             if error.status().is_server_error() {
@@ -58,31 +64,96 @@ pub async fn handle(
             error_response(&error)
         }
     };
-    tracing::info!(
-        target: "switchyard::access",
-        client = %conn.peer,
-        method = %method,
-        path = uri.path(),
-        status = response.status().as_u16(),
-        pool = log.pool.unwrap_or("-"),
-        backend = log.backend.map(tracing::field::display),
-        affinity = log.affinity.as_str(),
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-    );
-    response
+    record.status = response.status().as_u16();
+    response.map(|body| LoggedBody {
+        inner: body,
+        record,
+    })
 }
 
-struct AccessLog<'a> {
-    pool: Option<&'a str>,
-    backend: Option<SocketAddr>,
+/// What is known about one request, recorded when its response has been sent.
+#[derive(Debug)]
+pub struct Record {
+    start: Instant,
+    client: SocketAddr,
+    method: http::Method,
+    uri: Uri,
+    /// The (pool, backend) handles: unrouted, the pool's "no backend", or the chosen member's.
+    metrics: Arc<MemberMetrics>,
     affinity: Affinity,
+    status: u16,
+    bytes: u64,
 }
 
-async fn forward<'s>(
-    snapshot: &'s Snapshot,
+impl Drop for Record {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        self.metrics.request(self.status, elapsed.as_secs_f64());
+        tracing::info!(
+            target: "switchyard::access",
+            client = %self.client,
+            method = %self.method,
+            path = self.uri.path(),
+            status = self.status,
+            pool = or_dash(self.metrics.pool_label()),
+            backend = or_dash(self.metrics.backend_label()),
+            bytes = self.bytes,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            affinity = self.affinity.as_str(),
+        );
+    }
+}
+
+fn or_dash(label: &str) -> &str {
+    if label.is_empty() {
+        "-"
+    } else {
+        label
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body as sent to the client, counting its bytes for the request's [`Record`].
+    #[derive(Debug)]
+    pub struct LoggedBody {
+        #[pin]
+        inner: ProxyBody,
+        record: Record,
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = bytes::Bytes;
+    type Error = body::BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.record.bytes += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn forward(
+    snapshot: &Snapshot,
     conn: &ConnInfo,
     mut request: Request<Incoming>,
-    log: &mut AccessLog<'s>,
+    record: &mut Record,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if request.version() == Version::HTTP_11
         && request.uri().authority().is_none()
@@ -99,7 +170,7 @@ async fn forward<'s>(
             host: host.unwrap_or_default().to_owned(),
             path: request.uri().path().to_owned(),
         })?;
-    log.pool = Some(pool.name());
+    record.metrics = Arc::clone(&pool.metrics.unplaced);
 
     let client_ip = if hashes_client_ip(&pool.config) {
         headers::client_ip(
@@ -132,8 +203,9 @@ async fn forward<'s>(
             }));
         };
         let member = &pool.members[choice.index];
-        log.backend = Some(member.spec.address);
-        log.affinity = choice.affinity;
+        record.metrics = Arc::clone(&pool.member_metrics[choice.index]);
+        record.affinity = choice.affinity;
+        pool.metrics.affinity(choice.affinity);
         let guard = member.state.start_request();
         if member.state.is_out_of_rotation() {
             // Its drain ended between the choice and the count: choose again.
@@ -195,11 +267,18 @@ async fn forward<'s>(
                 }));
             }
             Err(SendError::NotSent { request, error }) => {
+                if matches!(
+                    error,
+                    ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }
+                ) {
+                    pool.member_metrics[choice.index].connect_error();
+                }
                 tried[attempts] = choice.index;
                 attempts += 1;
                 if attempts == MAX_ATTEMPTS {
                     return Err(error);
                 }
+                pool.metrics.retry();
                 tracing::debug!(error = %error, "retrying on another backend");
                 upstream = *request;
                 last_error = Some(error);

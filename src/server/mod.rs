@@ -59,7 +59,6 @@ pub struct Server {
     listeners: Mutex<BTreeMap<ListenerKey, Listener>>,
     shutdown: CancellationToken,
     connections: TaskTracker,
-    metrics: Metrics,
     /// Reloads (and snapshot refreshes after a drain) happen one at a time.
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
 }
@@ -69,16 +68,14 @@ impl Server {
     /// binding nothing, if any address cannot be bound.
     pub async fn start(config: Config) -> std::io::Result<Arc<Server>> {
         let bound = bind_all(&wanted_listeners(&config)).await?;
-        let metrics = Metrics::new();
-        metrics.loaded();
         let server = Arc::new(Server {
             shared: Shared::new(config),
             listeners: Mutex::new(BTreeMap::new()),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
-            metrics,
             reload_lock: tokio::sync::Mutex::new(()),
         });
+        server.metrics().loaded();
         server.adopt_listeners(bound);
         Ok(server)
     }
@@ -90,7 +87,7 @@ impl Server {
 
     /// The server's metrics.
     pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+        &self.shared.metrics
     }
 
     /// Cancelled when the server shuts down.
@@ -141,6 +138,9 @@ impl Server {
             if !keep {
                 tracing::info!(listen = %listener.local, "listener closed");
                 listener.stop.cancel();
+                if key.0 == Role::Proxy {
+                    self.metrics().remove_downstream(listener.local);
+                }
             }
             keep
         });
@@ -167,13 +167,19 @@ impl Server {
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        let local = listener.local_addr().ok();
+        let open = local.map(|local| self.metrics().downstream(local));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let server = Arc::clone(&self);
-                        self.connections.spawn(server.serve_connection(stream, peer));
+                        let counted = open.clone().map(OpenConnection::new);
+                        self.connections.spawn(async move {
+                            server.serve_connection(stream, peer).await;
+                            drop(counted);
+                        });
                     }
                     Err(error) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -279,6 +285,22 @@ impl Server {
             );
         }
         finished
+    }
+}
+
+/// Counts one open client connection in its listener's gauge until dropped.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
