@@ -97,3 +97,40 @@ async fn sigint_with_a_long_request_exits_after_the_shutdown_limit() {
         process.log()
     );
 }
+
+/// `log_format = "json"`: one JSON object per access-log line, with the fields operators query.
+#[tokio::test]
+async fn json_access_log_has_one_object_per_request() {
+    let apps = apps(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "log_format = \"json\"\n{}",
+        one_pool("round_robin", &weight_one(&apps), "")
+    );
+    let path = write_config(dir.path(), "proxy.toml", &text);
+    let process = ProxyProcess::start(&path);
+    let reply = get(process.addr, "/", &[]).await;
+    assert_eq!(reply.status, 200);
+    let mut line = None;
+    for _ in 0..100 {
+        line = process
+            .log()
+            .lines()
+            .find(|l| l.contains("switchyard::access"))
+            .map(str::to_owned);
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = line.expect("an access-log line");
+    let entry: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["method"], "GET");
+    assert_eq!(entry["path"], "/");
+    assert_eq!(entry["pool"], "app");
+    assert_eq!(entry["backend"], apps[0].addr().to_string());
+    assert_eq!(entry["bytes"], reply.body.len());
+    assert!(entry["timestamp"].is_string() && entry["client"].is_string());
+    assert!(entry["duration_ms"].as_f64().is_some_and(|d| d > 0.0));
+}

@@ -233,9 +233,14 @@ impl ProxyProcess {
             let log = process.log();
             if let Some(addr) = log
                 .lines()
-                .find_map(|l| l.split("listen=").nth(1))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|a| a.trim_matches(|c| c == '"').parse().ok())
+                // Text logs say `listen=ADDR`, JSON logs `"listen":"ADDR"`.
+                .find_map(|l| {
+                    l.split("listen=")
+                        .nth(1)
+                        .or_else(|| l.split("\"listen\":").nth(1))
+                })
+                .and_then(|rest| rest.split(|c: char| c.is_whitespace() || c == ',').next())
+                .and_then(|a| a.trim_matches(|c| c == '"' || c == '}').parse().ok())
             {
                 process.addr = addr;
                 return process;
