@@ -136,6 +136,20 @@ async fn status_page_shows_every_backend_and_its_traffic() {
     // The token from the fragment was accepted; the page did not ask for one.
     assert!(!idle.contains("class=\"bad\""), "{idle}");
 
+    // Without the token the page shows no data, says why, and offers a field for it.
+    let refused = dump(&format!("http://{admin}/#token=not-the-token-0123456789")).await;
+    assert!(
+        refused.contains("<form id=\"auth\" class=\"shown\">"),
+        "{refused}"
+    );
+    assert!(refused.contains("the admin token was refused"), "{refused}");
+    assert!(!refused.contains(&addrs[0].0.to_string()), "{refused}");
+    let without = dump(&format!("http://{admin}/")).await;
+    assert!(
+        without.contains("this proxy needs an admin token"),
+        "{without}"
+    );
+
     // Traffic for at most 20 s (or 20,000 requests), stopped as soon as the second dump is taken.
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
