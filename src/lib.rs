@@ -17,7 +17,8 @@
 //! - [`server`]: listeners, connections, graceful shutdown.
 //! - [`reload`]: file watch / SIGHUP / admin → load → validate → reconcile → store.
 //! - [`drain`]: the Active → Draining → Retired/Drained state machine.
-//! - [`admin`]: `/status`, `/reload`, runtime drain, `/metrics` on the admin listener.
+//! - [`admin`]: the status page, `/status`, `/reload`, runtime drain and `/metrics`, behind an
+//!   optional bearer token.
 //! - [`metrics`]: metric names and handles in one place.
 //! - [`demo`]: the example stateful app server used by the examples and the tests.
 
