@@ -205,19 +205,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn removal_of_a_drained_backend_keeps_the_operators_drain_if_it_returns() {
+    async fn removal_of_a_drained_backend_keeps_it_drained_and_out_of_reach() {
         let state = backend();
         ended(&begin(&state, false).unwrap()).await;
-        // Left to its own timeout when the drain ended; it holds the removal's drain open.
+        // Left to its own timeout when the drain ended.
         let request = state.start_request();
-        let removal = begin(&state, true).unwrap();
-        assert!(removal.removed && removal.runtime, "{removal:?}");
-
-        return_to_config(&state);
-        assert_eq!(state.status(), BackendStatus::Draining);
-        drop(request);
-        assert_eq!(ended(&removal).await.end, "drained");
+        // Removing it starts no new drain: Draining would let sticky clients back in.
+        assert_eq!(begin(&state, true).unwrap_err(), BackendStatus::Drained);
         assert_eq!(state.status(), BackendStatus::Drained);
+        assert!(!state.is_draining() && !state.is_ready());
+        // Back in the config, it is still the operator's to undrain.
+        return_to_config(&state);
+        assert_eq!(state.status(), BackendStatus::Drained);
+        drop(request);
+        assert_eq!(undrain(&state), Ok(()));
+        assert_eq!(state.status(), BackendStatus::Active);
     }
 
     #[tokio::test]

@@ -355,13 +355,10 @@ impl Server {
                 .with_label_values(&[outcome.end])
                 .inc();
             if state.status() == BackendStatus::Retired {
-                let registry = &server.shared().registry;
-                if registry
-                    .get(state.address())
-                    .is_some_and(|s| Arc::ptr_eq(&s, state))
-                {
-                    registry.remove(state.address());
-                }
+                server
+                    .shared()
+                    .registry
+                    .remove_if_same(state.address(), state);
                 let state = Arc::clone(state);
                 tokio::spawn(async move {
                     server.refresh().await;

@@ -29,7 +29,8 @@ const MAX_IDLE: usize = 1024;
 /// for reuse only once the body has ended).
 #[derive(Debug)]
 pub struct Upload {
-    start: Instant,
+    // tokio's clock, like the deadline it extends, so a paused test clock governs both.
+    start: tokio::time::Instant,
     last_progress_ns: AtomicU64,
     done: AtomicBool,
 }
@@ -37,7 +38,7 @@ pub struct Upload {
 impl Upload {
     fn new() -> Self {
         Upload {
-            start: Instant::now(),
+            start: tokio::time::Instant::now(),
             last_progress_ns: AtomicU64::new(0),
             done: AtomicBool::new(false),
         }
@@ -48,7 +49,7 @@ impl Upload {
         self.last_progress_ns.store(ns, Ordering::Relaxed);
     }
 
-    fn last_progress(&self) -> Instant {
+    fn last_progress(&self) -> tokio::time::Instant {
         self.start + Duration::from_nanos(self.last_progress_ns.load(Ordering::Relaxed))
     }
 
@@ -223,6 +224,9 @@ impl ConnPool {
 
     fn checkout(&self, max_idle: Duration) -> Option<SendRequest<UpstreamBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while idle.front().is_some_and(|e| e.since.elapsed() >= max_idle) {
+            idle.pop_front();
+        }
         while let Some(entry) = idle.pop_back() {
             if !entry.sender.is_closed() && entry.since.elapsed() < max_idle {
                 return Some(entry.sender);
@@ -242,10 +246,13 @@ impl ConnPool {
     ) -> Result<(Response<Incoming>, PooledConn), SendError> {
         let upload = request.body().upload();
         while let Some(mut sender) = self.checkout(timeouts.idle) {
-            // A pooled connection is ready at once or broken; never wait on one for long.
-            match tokio::time::timeout(timeouts.connect, sender.ready()).await {
-                Ok(Ok(())) => {}
-                _ => continue,
+            // A pooled connection is ready at once or broken; never wait on one for long (and
+            // build no timer in the common case where it is ready).
+            if !sender.is_ready() {
+                match tokio::time::timeout(timeouts.connect, sender.ready()).await {
+                    Ok(Ok(())) => {}
+                    _ => continue,
+                }
             }
             match self.exchange(&mut sender, request, timeouts, &upload).await {
                 Ok(response) => return Ok((response, self.pooled(sender, upload, timeouts))),
@@ -301,9 +308,9 @@ impl ConnPool {
                     let since_progress = upload
                         .as_ref()
                         .map(|u| u.last_progress() + timeouts.response_header)
-                        .filter(|&d| d > Instant::now());
+                        .filter(|&d| d > tokio::time::Instant::now());
                     match since_progress {
-                        Some(later) => deadline = later.into(),
+                        Some(later) => deadline = later,
                         None => return Err(SendError::Failed(ProxyError::ResponseTimeout { backend })),
                     }
                 }

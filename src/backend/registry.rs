@@ -42,6 +42,18 @@ impl Registry {
         backends.get(&address).cloned()
     }
 
+    /// Forgets `address` if its state is still `state` (checked and removed under one lock, so a
+    /// fresh state created meanwhile for the same address is kept).
+    pub fn remove_if_same(&self, address: SocketAddr, state: &Arc<BackendState>) {
+        let mut backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        if backends
+            .get(&address)
+            .is_some_and(|s| Arc::ptr_eq(s, state))
+        {
+            backends.remove(&address);
+        }
+    }
+
     /// Forgets `address`, so that a later use starts from fresh state.
     pub fn remove(&self, address: SocketAddr) -> Option<Arc<BackendState>> {
         let mut backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());

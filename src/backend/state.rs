@@ -144,10 +144,11 @@ impl BackendState {
     ) -> Result<(Drain, bool), BackendStatus> {
         let mut slot = self.lock_drain();
         let status = self.status();
-        match status {
-            BackendStatus::Retired => return Err(status),
-            BackendStatus::Drained if !removed => return Err(status),
-            _ => {}
+        // A Drained backend is already out of rotation: draining it again, even for a removal,
+        // would make it Draining and so reachable by sticky clients once more. It stays Drained
+        // (in the registry, out of every pool) until the operator undrains it.
+        if matches!(status, BackendStatus::Retired | BackendStatus::Drained) {
+            return Err(status);
         }
         if let Some(existing) = slot.as_mut() {
             if removed {
@@ -157,10 +158,7 @@ impl BackendState {
             }
             return Ok((existing.clone(), false));
         }
-        let mut drain = make();
-        // Removing a backend the operator drained: should it come back to the config before this
-        // drain ends, it is still the operator's to undrain.
-        drain.runtime |= status == BackendStatus::Drained;
+        let drain = make();
         *slot = Some(drain.clone());
         self.set_status(BackendStatus::Draining);
         Ok((drain, true))

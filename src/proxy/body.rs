@@ -33,12 +33,13 @@ pub struct Finish {
 }
 
 impl Finish {
-    /// The body ended cleanly: the connection can carry another request, unless the backend is
-    /// draining (its pool must stay empty).
+    /// The body ended cleanly: the connection can carry another request, unless the backend's
+    /// drain has ended (its pool was emptied then and must stay empty). While it drains, sticky
+    /// clients may still reuse connections.
     pub fn complete(mut self) {
         let backend = self.guard.backend();
         if let Some(conn) = self.conn.take() {
-            if backend.is_ready() {
+            if !backend.is_out_of_rotation() {
                 backend.pool.checkin(conn);
             }
         }

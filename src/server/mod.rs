@@ -241,6 +241,14 @@ impl Server {
             tokio::select! {
                 result = connection.as_mut() => break result,
                 _ = sleep_until_opt(hard_close) => {
+                    // A stream opened before the client saw the GOAWAY may still be waiting on a
+                    // backend or moving bytes: give it another period.
+                    let bytes = activity.bytes();
+                    if activity.is_waiting() || bytes != bytes_at_last_check {
+                        bytes_at_last_check = bytes;
+                        hard_close = Some(tokio::time::Instant::now() + timeouts.idle);
+                        continue;
+                    }
                     tracing::debug!(%peer, "idle client connection did not close; dropping it");
                     break Ok(());
                 }
