@@ -3,94 +3,220 @@
 
 mod support;
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use support::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// A backend that sends headers and 5 of 100 body bytes, then nothing: the client's response is
 /// cut (never looks complete) after `timeouts.idle`, and the backend's in-flight count returns to 0.
+///
+/// The client speaks HTTP/2 and pings every 100ms, so its connection is never idle and the
+/// connection-idle close cannot be what ends the body: only the body's own stall timer can.
 #[tokio::test]
 async fn stalled_response_body_is_cut_after_idle() {
     let (backend, _task) =
         raw_backend(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello").await;
     let tail = "[timeouts]\nidle = \"300ms\"\n";
     let (server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], tail)).await;
-    let mut conn = h1_connection::<Empty<Bytes>>(proxy).await;
-    let request = Request::get("/")
-        .header("host", "stall.test")
-        .body(Empty::new())
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(100))
+        .handshake(TokioIo::new(stream))
+        .await
         .unwrap();
-    let response = conn.send_request(request).await.unwrap();
+    tokio::spawn(conn);
+    let request = Request::get("http://stall.test/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = h2.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     let started = Instant::now();
-    let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+    let body = tokio::time::timeout(Duration::from_secs(3), response.into_body().collect())
         .await
-        .expect("the stalled body ends within 5s");
+        .expect("the stalled body is cut within 3s (10 × idle) while the connection stays busy");
     assert!(body.is_err(), "a truncated body must not look complete");
     assert!(started.elapsed() >= Duration::from_millis(250));
+    // The pings kept the connection open: the cut was the body's, not the connection's.
+    assert!(!h2.is_closed(), "the client connection was closed");
     let state = server.shared().registry.get(backend).unwrap();
     wait_until("in-flight released", || state.in_flight() == 0).await;
+}
+
+/// A backend that answers the first request head on each connection with a complete 200 at once,
+/// then keeps the connection open and discards whatever else arrives on it; counts connections.
+async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut answered = false;
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) if !answered => {
+                            buf.extend_from_slice(&chunk[..n]);
+                            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                                answered = true;
+                                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                                if s.write_all(ok).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    (a, connections, task)
 }
 
 /// The backend answers before reading the whole request body: that connection must not be reused,
 /// or the next request would sit behind the rest of the upload.
 #[tokio::test]
 async fn connection_with_unfinished_upload_is_not_reused() {
-    let apps = apps(1).await;
-    let tail = "[timeouts]\nresponse_header = \"2s\"\n";
-    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), tail)).await;
+    let (backend, connections, _task) = early_answer_backend().await;
+    // Long enough that waiting on the dirty connection (or on an answer it never gets) shows.
+    let tail = "[timeouts]\nconnect = \"10s\"\nresponse_header = \"10s\"\n";
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], tail)).await;
     // Declares 1 MB, sends 10 bytes, keeps the connection open.
-    let mut client = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let mut client = TcpStream::connect(proxy).await.unwrap();
     client
-        .write_all(b"POST /status/200 HTTP/1.1\r\nhost: up.test\r\ncontent-length: 1000000\r\n\r\n0123456789")
+        .write_all(b"POST / HTTP/1.1\r\nhost: up.test\r\ncontent-length: 1000000\r\n\r\n0123456789")
         .await
         .unwrap();
-    let mut answered = vec![0u8; 64];
-    let n = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::io::AsyncReadExt::read(&mut client, &mut answered),
-    )
+    // The whole early answer, body included, so the proxy is done with that response.
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !answer.ends_with(b"\r\n\r\nok") {
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    })
     .await
-    .unwrap()
-    .unwrap();
-    assert!(String::from_utf8_lossy(&answered[..n]).starts_with("HTTP/1.1 200"));
-    // The next request must not be stuck behind that upload.
-    for _ in 0..3 {
-        let reply = tokio::time::timeout(Duration::from_secs(5), get(proxy, "/", &[]))
-            .await
-            .expect("not stuck");
-        assert_eq!(reply.status, 200);
-    }
+    .expect("the early answer arrives within 5s");
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    // The next request goes on a new connection, at once.
+    let reply = tokio::time::timeout(Duration::from_secs(3), get(proxy, "/", &[]))
+        .await
+        .expect("the next request is not stuck behind the unfinished upload");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "ok");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
     drop(client);
 }
 
+/// Where the chunked body at the start of `body` ends (after `0\r\n\r\n`), if it has arrived whole.
+fn chunked_end(body: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let line = body[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&body[at..at + line]).unwrap();
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+        at += line + 2;
+        if size == 0 {
+            // No trailers: the empty line ends the body.
+            return (body.len() >= at + 2).then_some(at + 2);
+        }
+        at += size + 2;
+        if body.len() < at {
+            return None;
+        }
+    }
+}
+
+/// A backend that reads each chunked request body to its end before answering `200 ok`, so the
+/// proxy waits for the response headers for as long as the upload lasts.
+async fn whole_body_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let Some(body) = chunked_end(&buf[head + 4..]) else {
+                        continue;
+                    };
+                    buf.drain(..head + 4 + body);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (a, task)
+}
+
 /// `response_header` runs from the request body's last progress: a steady upload slower than it
-/// succeeds.
+/// succeeds, even though the backend answers only once it has read the whole body.
 #[tokio::test]
 async fn slow_steady_upload_is_not_a_timeout() {
-    let apps = apps(1).await;
+    let (backend, _task) = whole_body_backend().await;
     let tail = "[timeouts]\nresponse_header = \"500ms\"\n";
-    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), tail)).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], tail)).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut conn = h1_connection::<ChannelBody>(proxy).await;
-    let request = Request::post("/echo")
+    let request = Request::post("/upload")
         .header("host", "up.test")
         .body(ChannelBody(rx))
         .unwrap();
+    // 6 chunks 250ms apart: 1.5s in all, three times `response_header`.
     let sender = tokio::spawn(async move {
         for i in 0..6 {
-            tx.send(Bytes::from(format!("part{i};"))).await.unwrap();
+            if tx.send(Bytes::from(format!("part{i};"))).await.is_err() {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
-    let response = conn.send_request(request).await.unwrap();
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(10), conn.send_request(request))
+        .await
+        .expect("answered within 10s")
+        .unwrap();
     assert_eq!(response.status(), 200);
+    // Answered after the whole upload, so long past `response_header` from the start.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1200),
+        "{:?}",
+        started.elapsed()
+    );
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(&body[..], b"part0;part1;part2;part3;part4;part5;");
+    assert_eq!(&body[..], b"ok");
     sender.await.unwrap();
 }
 
