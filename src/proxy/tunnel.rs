@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::backend::UpgradeGuard;
+use crate::server::sleep_until_opt;
 
 /// How long a cut waits for the backend to finish the frame it is in the middle of; past it, the
 /// connection is closed without a close frame.
@@ -124,13 +125,6 @@ async fn after_cut(mut cut: watch::Receiver<bool>, grace: Duration) {
         std::future::pending::<()>().await;
     }
     tokio::time::sleep(grace).await;
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Follows WebSocket frame boundaries (RFC 6455 §5.2) in one direction of a byte stream.

@@ -312,7 +312,8 @@ impl Drop for OpenConnection {
     }
 }
 
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+/// Sleeps until `deadline`, or forever without one (for an optional `select!` branch).
+pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
