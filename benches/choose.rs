@@ -25,6 +25,7 @@ fn members(n: usize) -> Vec<Member> {
                 spec: BackendSpec {
                     address,
                     weight: 1 + (i % 3) as u32,
+                    max_connections: None,
                 },
                 state: BackendState::new(address),
             }

@@ -13,6 +13,7 @@
 //! - [`state`]: the immutable snapshot behind one `ArcSwap`, and what connections share.
 //! - [`backend`]: live per-address state (in-flight, drain, connection pool) and its registry.
 //! - [`balance`]: the strategy trait and the four strategies.
+//! - [`health`]: active checks, passive ejection and slow start.
 //! - [`proxy`]: the request path, header rules, response bodies, upgraded tunnels.
 //! - [`server`]: listeners, connections, graceful shutdown.
 //! - [`reload`]: file watch / SIGHUP / admin → load → validate → reconcile → store.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod drain;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -41,7 +41,9 @@ struct Vecs {
     affinity: IntCounterVec,
     retries: IntCounterVec,
     connect_errors: IntCounterVec,
+    health_changes: IntCounterVec,
     in_flight: IntGaugeVec,
+    healthy: IntGaugeVec,
     state: IntGaugeVec,
     up: IntGaugeVec,
     upgraded: IntGaugeVec,
@@ -212,6 +214,31 @@ impl PoolMetrics {
     }
 }
 
+/// Removes the series of `vec` (labelled by `backend` first) whose backend is not live.
+fn remove_stale_backends(vec: &IntCounterVec, live: &[SocketAddr]) {
+    let stale: Vec<Vec<String>> = vec
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| {
+            // Exposition order is by label name; `backend` sorts first in both vectors.
+            m.get_label()
+                .iter()
+                .map(|l| l.value().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .filter(|labels| {
+            labels
+                .first()
+                .is_some_and(|b| b.parse().is_ok_and(|b: SocketAddr| !live.contains(&b)))
+        })
+        .collect();
+    for labels in stale {
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let _ = vec.remove_label_values(&labels);
+    }
+}
+
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
@@ -254,6 +281,16 @@ impl Metrics {
                 "Failed or timed-out connection attempts to a backend.",
                 &["backend"],
             ),
+            health_changes: counter_vec(
+                "switchyard_backend_health_changes_total",
+                "Health changes of a backend: down, up, ejected, readmitted, unchecked.",
+                &["backend", "change"],
+            ),
+            healthy: gauge_vec(
+                "switchyard_backend_healthy",
+                "1 when the backend is neither down (active checks) nor ejected (passive checks).",
+                &["pool", "backend"],
+            ),
             in_flight: gauge_vec(
                 "switchyard_backend_in_flight",
                 "Requests in flight to a backend (shared by every pool naming it).",
@@ -266,7 +303,7 @@ impl Metrics {
             ),
             up: gauge_vec(
                 "switchyard_backend_up",
-                "1 when the backend takes new requests.",
+                "1 when the backend takes new requests: active (not draining) and healthy.",
                 &["pool", "backend"],
             ),
             upgraded: gauge_vec(
@@ -301,6 +338,8 @@ impl Metrics {
             Box::new(vecs.affinity.clone()),
             Box::new(vecs.retries.clone()),
             Box::new(vecs.connect_errors.clone()),
+            Box::new(vecs.health_changes.clone()),
+            Box::new(vecs.healthy.clone()),
             Box::new(vecs.in_flight.clone()),
             Box::new(vecs.state.clone()),
             Box::new(vecs.up.clone()),
@@ -369,20 +408,8 @@ impl Metrics {
             keep
         });
         let live_backends: Vec<SocketAddr> = live_members.iter().map(|(_, b)| *b).collect();
-        let stale: Vec<String> = self
-            .vecs
-            .connect_errors
-            .collect()
-            .iter()
-            .flat_map(|family| family.get_metric())
-            .filter_map(|m| m.get_label().first().map(|l| l.value().to_owned()))
-            .filter(|b| {
-                b.parse()
-                    .is_ok_and(|b: SocketAddr| !live_backends.contains(&b))
-            })
-            .collect();
-        for backend in stale {
-            let _ = self.vecs.connect_errors.remove_label_values(&[&backend]);
+        for vec in [&self.vecs.connect_errors, &self.vecs.health_changes] {
+            remove_stale_backends(vec, &live_backends);
         }
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools.retain(|name, handles| {
@@ -392,6 +419,14 @@ impl Metrics {
             }
             keep
         });
+    }
+
+    /// Counts a health change of `backend` (`down`, `up`, `ejected`, `readmitted`, `unchecked`).
+    pub fn health_change(&self, backend: SocketAddr, change: &str) {
+        self.vecs
+            .health_changes
+            .with_label_values(&[&backend.to_string(), change])
+            .inc();
     }
 
     /// The open-connections gauge of the listener bound at `local`.
@@ -421,7 +456,7 @@ impl Metrics {
 
     fn refresh_live(&self) {
         let v = &self.vecs;
-        for gauge in [&v.in_flight, &v.state, &v.up, &v.upgraded] {
+        for gauge in [&v.in_flight, &v.state, &v.up, &v.upgraded, &v.healthy] {
             gauge.reset();
         }
         let Some(shared) = self.shared.get().and_then(Weak::upgrade) else {
@@ -440,6 +475,9 @@ impl Metrics {
                     .set(state.upgraded() as i64);
                 v.up.with_label_values(&[p, &b])
                     .set(i64::from(state.is_ready()));
+                v.healthy
+                    .with_label_values(&[p, &b])
+                    .set(i64::from(state.health.is_available()));
                 let current = state.status();
                 for status in [
                     BackendStatus::Active,

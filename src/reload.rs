@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::backend::{BackendState, BackendStatus, DrainOutcome};
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Config, ConfigErrors, PoolConfig};
 use crate::drain;
 use crate::server::Server;
 use crate::state::Snapshot;
@@ -146,6 +146,13 @@ impl ReloadReport {
                         to: n.strategy.as_str(),
                     });
                 }
+                let limits = |p: &PoolConfig| -> BTreeMap<SocketAddr, Option<u32>> {
+                    p.backends
+                        .iter()
+                        .map(|b| (b.address, b.max_connections))
+                        .collect()
+                };
+                report.other_changes |= limits(o) != limits(n);
                 let mut o = o.clone();
                 o.backends.clone_from(&n.backends);
                 o.strategy = n.strategy;
@@ -320,6 +327,21 @@ impl Server {
             Some(&old),
         );
         self.shared().snapshot.store(Arc::new(snapshot));
+        // A backend new to the config starts cold: ramp it up where its pool asks for slow start.
+        let old_addresses = all_backends(&old.config);
+        let snapshot = self.shared().snapshot.load();
+        for added in &report.backends_added {
+            let ramps = snapshot
+                .pool(&added.pool)
+                .is_some_and(|p| p.config.slow_start.is_some());
+            if ramps && !old_addresses.contains(&added.address) {
+                if let Some(state) = registry.get(added.address) {
+                    state.health.begin_slow_start();
+                }
+            }
+        }
+        drop(snapshot);
+        self.reconcile_health_checks();
         self.adopt_listeners(new_listeners);
         self.stop_removed_listeners();
         self.metrics().reload_succeeded();

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use crate::backend::Registry;
 use crate::balance::{self, Member, Strategy};
 use crate::config::{Config, PoolConfig};
+use crate::health::Monitor;
 use crate::metrics::{MemberMetrics, Metrics, PoolMetrics};
 
 /// One pool as built for a snapshot.
@@ -156,6 +157,8 @@ pub struct Shared {
     pub registry: Registry,
     /// Every metric, with handles resolved per snapshot.
     pub metrics: Metrics,
+    /// Pool-level bookkeeping of backend health changes.
+    pub health: Monitor,
 }
 
 impl Shared {
@@ -168,6 +171,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
             metrics,
+            health: Monitor::default(),
         });
         shared.metrics.attach(&shared);
         shared

@@ -890,7 +890,12 @@ async fn runtime_drained_backend_stays_drained_across_an_unrelated_reload() {
     assert_eq!(apps[0].requests(), before);
 
     assert_eq!(run.runtime(x, "undrain", "").await.0, 200);
-    let seen = backends_of(run.proxy, 8).await;
+    // Least connections at weights 1:3 sends idle-time requests to the heavier backend; eight at
+    // once load it enough that x takes some.
+    let proxy = run.proxy;
+    let replies =
+        futures_util::future::join_all((0..8).map(|_| get(proxy, "/sleep/300", &[]))).await;
+    let seen: Vec<String> = replies.iter().map(|r| r.backend().to_owned()).collect();
     assert!(seen.iter().any(|b| b == apps[0].name()), "{seen:?}");
 }
 

@@ -236,10 +236,12 @@ async fn post_reload_on_admin_answers_with_the_changes() {
         json["changes"]["strategy_changed"][0]["to"],
         "least_connections"
     );
-    let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..8 {
-        seen.insert(get(proxy, "/", &[]).await.backend());
-    }
+    // Least connections at 3:1 sends idle-time requests to the heavier backend; eight at once load
+    // it enough that the new one takes some.
+    let replies =
+        futures_util::future::join_all((0..8).map(|_| get(proxy, "/sleep/300", &[]))).await;
+    let seen: std::collections::BTreeSet<String> =
+        replies.iter().map(|r| r.backend().to_owned()).collect();
     assert!(seen.contains("app2"), "{seen:?}");
     // GET is not allowed on a state-changing endpoint.
     let reply = get(admin_addr, "/reload", &[]).await;

@@ -147,7 +147,11 @@ fn ip_hash_removing_one_of_ten_backends_moves_few_clients() {
         .map(|i| {
             let address = format!("10.1.0.{i}:8080").parse().unwrap();
             Member {
-                spec: BackendSpec { address, weight: 1 },
+                spec: BackendSpec {
+                    address,
+                    weight: 1,
+                    max_connections: None,
+                },
                 state: BackendState::new(address),
             }
         })

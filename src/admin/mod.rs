@@ -25,7 +25,8 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{BackendState, BackendStatus};
+use crate::backend::BackendStatus;
+use crate::balance::Member;
 use crate::drain;
 use crate::reload::ReloadError;
 use crate::server::Server;
@@ -156,7 +157,10 @@ async fn runtime_drain(
                 "backend was removed from the config; add it back to proxy.toml instead\n",
             );
         }
-        return json_response(StatusCode::OK, &backend_json(&state, member.spec.weight));
+        return json_response(
+            StatusCode::OK,
+            &backend_json(member, pool.config.slow_start),
+        );
     }
     let wait = match parse_wait(query) {
         Ok(wait) => wait,
@@ -170,7 +174,10 @@ async fn runtime_drain(
     ) {
         Ok(started) => started,
         Err(BackendStatus::Drained) => {
-            return json_response(StatusCode::OK, &backend_json(&state, member.spec.weight))
+            return json_response(
+                StatusCode::OK,
+                &backend_json(member, pool.config.slow_start),
+            )
         }
         // Retired since this snapshot was loaded: it has left the pool.
         Err(_) => return text(StatusCode::NOT_FOUND, "no such backend in this pool\n"),
@@ -190,7 +197,7 @@ async fn runtime_drain(
         ),
         None => json_response(
             StatusCode::ACCEPTED,
-            &backend_json(&state, member.spec.weight),
+            &backend_json(member, pool.config.slow_start),
         ),
     }
 }
@@ -230,19 +237,22 @@ fn status(snapshot: &Snapshot) -> Status {
                 backends: pool
                     .members
                     .iter()
-                    .map(|m| backend_json(&m.state, m.spec.weight))
+                    .map(|m| backend_json(m, pool.config.slow_start))
                     .collect(),
             })
             .collect(),
     }
 }
 
-fn backend_json(state: &BackendState, weight: u32) -> serde_json::Value {
+fn backend_json(member: &Member, slow_start: Option<Duration>) -> serde_json::Value {
+    let state = &member.state;
     let drain = state.drain();
     json!({
         "address": state.address(),
-        "weight": weight,
+        "weight": member.spec.weight,
+        "max_connections": member.spec.max_connections,
         "state": state.status(),
+        "health": state.health.view(slow_start),
         "in_flight": state.in_flight(),
         "upgraded": state.upgraded(),
         "requests": state.requests(),

@@ -10,6 +10,7 @@ use std::time::Instant;
 use tokio::sync::{watch, Notify};
 
 use super::pool::ConnPool;
+use crate::health::HealthState;
 
 /// Where a backend is in its life: Active → Draining → Retired when removed from the config, or
 /// Active → Draining → Drained when drained at runtime (sozu's `BackendStatus`).
@@ -67,6 +68,8 @@ pub struct BackendState {
     drain: Mutex<Option<Drain>>,
     /// Idle keep-alive connections to this backend.
     pub pool: ConnPool,
+    /// Active and passive health, and slow start.
+    pub health: HealthState,
 }
 
 impl BackendState {
@@ -84,6 +87,7 @@ impl BackendState {
             upgraded_cut: AtomicU64::new(0),
             drain: Mutex::new(None),
             pool: ConnPool::new(address),
+            health: HealthState::default(),
         })
     }
 
@@ -97,9 +101,18 @@ impl BackendState {
         BackendStatus::from_u8(self.status.load(Ordering::Acquire))
     }
 
-    /// Whether new work may be sent here.
+    /// Whether new work may be sent here: active (not draining) and healthy.
+    #[inline]
     pub fn is_ready(&self) -> bool {
         self.status.load(Ordering::Relaxed) == BackendStatus::Active as u8
+            && self.health.is_available()
+    }
+
+    /// In-flight requests plus upgraded connections: what `max_connections` limits and
+    /// `least_connections` compares.
+    #[inline]
+    pub fn load(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed) + self.upgraded.load(Ordering::Relaxed)
     }
 
     /// Whether the backend is draining.

@@ -35,27 +35,30 @@ impl Strategy for LeastConnections {
         // Starting the scan at a rotating offset makes ties alternate instead of always going to the
         // first backend.
         let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-        let mut best: Option<(usize, u64)> = None;
+        // (index, load + 1, effective weight)
+        let mut best: Option<(usize, u64, u64)> = None;
         for step in 0..n {
             let i = (start + step) % n;
             if !candidates.is_ready(i) {
                 continue;
             }
-            let state = &members[i].state;
-            let load = state.in_flight() + state.upgraded();
+            // +1 counts the request being placed, so that weights matter even when idle (Envoy
+            // and HAProxy do the same); slow start scales the weight down while ramping.
+            let load = members[i].state.load() + 1;
+            let weight = self.weights[i] * candidates.weight_permille(i);
             // load_i / w_i < load_b / w_b, compared without division.
             let better = match best {
                 None => true,
-                Some((b, load_b)) => {
-                    u128::from(load) * u128::from(self.weights[b])
-                        < u128::from(load_b) * u128::from(self.weights[i])
+                Some((_, load_b, weight_b)) => {
+                    u128::from(load) * u128::from(weight_b)
+                        < u128::from(load_b) * u128::from(weight)
                 }
             };
             if better {
-                best = Some((i, load));
+                best = Some((i, load, weight));
             }
         }
-        best.map(|(i, _)| Choice::plain(i))
+        best.map(|(i, _, _)| Choice::plain(i))
     }
 }
 

@@ -13,6 +13,7 @@ mod round_robin;
 use std::fmt::Debug;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
@@ -53,6 +54,7 @@ pub struct Candidates<'a> {
     members: &'a [Member],
     active: usize,
     tried: &'a [usize],
+    slow_start: Option<Duration>,
 }
 
 impl<'a> Candidates<'a> {
@@ -63,7 +65,14 @@ impl<'a> Candidates<'a> {
             members,
             active,
             tried,
+            slow_start: None,
         }
+    }
+
+    /// The pool's `slow_start` window, for [`Candidates::weight_permille`].
+    pub fn with_slow_start(mut self, slow_start: Option<Duration>) -> Self {
+        self.slow_start = slow_start;
+        self
     }
 
     /// Number of active members (the ones new work is placed on).
@@ -76,17 +85,51 @@ impl<'a> Candidates<'a> {
         self.members
     }
 
-    /// Whether member `i` may take new work: active, healthy and not yet tried.
+    /// Whether member `i` may take new work: active, healthy, under its `max_connections` and
+    /// not yet tried.
     #[inline]
     pub fn is_ready(&self, i: usize) -> bool {
-        self.members[i].state.is_ready() && !self.tried.contains(&i)
+        let member = &self.members[i];
+        member.state.is_ready() && has_room(member) && !self.tried.contains(&i)
     }
 
-    /// Whether member `i` is draining and not yet tried: sticky clients may still be sent there.
+    /// Whether member `i` is draining, healthy, under its `max_connections` and not yet tried:
+    /// sticky clients may still be sent there.
     #[inline]
     pub fn is_draining(&self, i: usize) -> bool {
-        self.members[i].state.is_draining() && !self.tried.contains(&i)
+        let member = &self.members[i];
+        member.state.is_draining()
+            && member.state.health.is_available()
+            && has_room(member)
+            && !self.tried.contains(&i)
     }
+
+    /// The share of its weight member `i` takes now, in thousandths (less than 1000 while it
+    /// ramps up under `slow_start`).
+    #[inline]
+    pub fn weight_permille(&self, i: usize) -> u64 {
+        self.members[i]
+            .state
+            .health
+            .weight_permille(self.slow_start)
+    }
+
+    /// Whether member `i`, offered a turn, takes it: always, unless it is ramping up, when it
+    /// takes its share of turns (round robin's slow start).
+    #[inline]
+    pub fn admits(&self, i: usize) -> bool {
+        let share = self.weight_permille(i);
+        self.members[i].state.health.admits(share)
+    }
+}
+
+/// Whether a member is under its `max_connections`.
+#[inline]
+fn has_room(member: &Member) -> bool {
+    member
+        .spec
+        .max_connections
+        .is_none_or(|max| member.state.load() < u64::from(max))
 }
 
 /// How a request's affinity cookie was used.
@@ -200,7 +243,11 @@ pub(crate) mod testing {
                     .parse()
                     .unwrap();
                 Member {
-                    spec: BackendSpec { address, weight: w },
+                    spec: BackendSpec {
+                        address,
+                        weight: w,
+                        max_connections: None,
+                    },
                     state: BackendState::new(address),
                 }
             })

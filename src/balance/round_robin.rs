@@ -114,7 +114,8 @@ impl Strategy for RoundRobin {
         // the others keep their relative shares.
         for _ in 0..len {
             let i = self.cycle[self.cursor.fetch_add(1, Ordering::Relaxed) % len] as usize;
-            if candidates.is_ready(i) {
+            // A ramping backend (slow start) passes on the turns it does not take.
+            if candidates.is_ready(i) && candidates.admits(i) {
                 return Some(Choice::plain(i));
             }
         }

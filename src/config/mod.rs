@@ -154,6 +154,72 @@ pub struct PoolConfig {
     pub drain_timeout: Duration,
     /// `drain_sticky` (default `keep`).
     pub drain_sticky: DrainSticky,
+    /// `retries` (default 1): how many other backends a failed request may be tried on.
+    pub retries: u32,
+    /// `slow_start` (default off): how long a new or recovered backend takes to reach its full
+    /// weight. Never set on pools that place clients by `ip_hash`.
+    pub slow_start: Option<Duration>,
+    /// `[pools.NAME.health]`: active checks, when present.
+    pub health: Option<HealthConfig>,
+    /// `[pools.NAME.passive]`: outlier ejection (on by default).
+    pub passive: PassiveConfig,
+}
+
+/// `[pools.NAME.health]`: an HTTP GET to each backend, in the background.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// `path` (default `/`): path and query of the check request.
+    pub path: String,
+    /// `host`: the check's `Host` header (default: the backend's address).
+    pub host: Option<String>,
+    /// `interval` (default 2s): from the end of one check to the start of the next.
+    pub interval: Duration,
+    /// `timeout` (default 1s): connect plus response headers.
+    pub timeout: Duration,
+    /// `unhealthy_threshold` (default 3): consecutive failed checks that mark a backend down.
+    pub unhealthy_threshold: u32,
+    /// `healthy_threshold` (default 2): consecutive passed checks that bring it back.
+    pub healthy_threshold: u32,
+    /// `expected_status` (default `"200-399"`): inclusive ranges of statuses that pass.
+    pub expected_status: Vec<(u16, u16)>,
+}
+
+impl HealthConfig {
+    /// Whether `status` passes the check.
+    pub fn expects(&self, status: u16) -> bool {
+        self.expected_status
+            .iter()
+            .any(|&(low, high)| (low..=high).contains(&status))
+    }
+}
+
+/// `[pools.NAME.passive]`: ejects backends that fail requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassiveConfig {
+    /// `enabled` (default true).
+    pub enabled: bool,
+    /// `consecutive_failures` (default 5): connection errors, timeouts or 5xx answers in a row
+    /// that eject a backend.
+    pub consecutive_failures: u32,
+    /// `ejection_time` (default 10s): the first ejection's length; each one after it doubles.
+    pub ejection_time: Duration,
+    /// `max_ejection_time` (default 300s): the cap on the doubling.
+    pub max_ejection_time: Duration,
+    /// `max_ejected_percent` (default 50): at most this share of the pool's backends may be out
+    /// (ejected or down) because of ejections.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        PassiveConfig {
+            enabled: true,
+            consecutive_failures: 5,
+            ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
 }
 
 /// What the config says about one backend of a pool.
@@ -163,6 +229,9 @@ pub struct BackendSpec {
     pub address: SocketAddr,
     /// `weight` (default 1, at least 1).
     pub weight: u32,
+    /// `max_connections` (or the pool's `max_connections`): in-flight requests plus upgraded
+    /// connections above which the backend takes no more work. `None`: no limit.
+    pub max_connections: Option<u32>,
 }
 
 /// `[pools.NAME.cookie]`.

@@ -88,6 +88,52 @@ pub struct RawPool {
     pub drain_sticky: Option<Spanned<String>>,
     /// `[pools.NAME.cookie]`.
     pub cookie: Option<RawCookie>,
+    /// `retries`: signed, so a negative count is reported by validation.
+    pub retries: Option<Spanned<i64>>,
+    /// `slow_start`: a humantime duration.
+    pub slow_start: Option<Spanned<String>>,
+    /// `max_connections`: the default for backends that set none.
+    pub max_connections: Option<Spanned<i64>>,
+    /// `[pools.NAME.health]`.
+    pub health: Option<RawHealth>,
+    /// `[pools.NAME.passive]`.
+    pub passive: Option<RawPassive>,
+}
+
+/// `[pools.NAME.health]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// `path`: must start with `/`.
+    pub path: Option<Spanned<String>>,
+    /// `host`: the check's `Host` header.
+    pub host: Option<Spanned<String>>,
+    /// `interval`: a humantime duration.
+    pub interval: Option<Spanned<String>>,
+    /// `timeout`: a humantime duration.
+    pub timeout: Option<Spanned<String>>,
+    /// `unhealthy_threshold`.
+    pub unhealthy_threshold: Option<Spanned<i64>>,
+    /// `healthy_threshold`.
+    pub healthy_threshold: Option<Spanned<i64>>,
+    /// `expected_status`: e.g. `"200-399"` or `"200,204,300-308"`.
+    pub expected_status: Option<Spanned<String>>,
+}
+
+/// `[pools.NAME.passive]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassive {
+    /// `enabled`.
+    pub enabled: Option<bool>,
+    /// `consecutive_failures`.
+    pub consecutive_failures: Option<Spanned<i64>>,
+    /// `ejection_time`: a humantime duration.
+    pub ejection_time: Option<Spanned<String>>,
+    /// `max_ejection_time`: a humantime duration.
+    pub max_ejection_time: Option<Spanned<String>>,
+    /// `max_ejected_percent`: 0 to 100.
+    pub max_ejected_percent: Option<Spanned<i64>>,
 }
 
 /// One entry of a pool's `backends`.
@@ -98,6 +144,8 @@ pub struct RawBackend {
     pub address: Option<Spanned<String>>,
     /// `weight`: signed, so that a negative weight is reported by validation with the others.
     pub weight: Option<Spanned<i64>>,
+    /// `max_connections`.
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 /// `[pools.NAME.cookie]`.

@@ -19,12 +19,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::raw::{
-    RawAdmin, RawBackend, RawConfig, RawCookie, RawListener, RawPool, RawRoute, RawSecret,
-    RawTimeouts,
+    RawAdmin, RawBackend, RawConfig, RawCookie, RawHealth, RawListener, RawPassive, RawPool,
+    RawRoute, RawSecret, RawTimeouts,
 };
 use super::{
-    AdminConfig, BackendSpec, Config, CookieConfig, DrainSticky, ListenerConfig, LogFormat,
-    PoolConfig, RouteConfig, StrategyKind, Timeouts,
+    AdminConfig, BackendSpec, Config, CookieConfig, DrainSticky, HealthConfig, ListenerConfig,
+    LogFormat, PassiveConfig, PoolConfig, RouteConfig, StrategyKind, Timeouts,
 };
 
 /// Signing keys shorter than this are guessable; HMAC-SHA256 wants at least this much entropy.
@@ -33,6 +33,10 @@ const MIN_SECRET_BYTES: usize = 16;
 const MAX_WEIGHT: i64 = 1000;
 const DEFAULT_WEIGHT: u32 = 1;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_RETRIES: u32 = 1;
+const MAX_CONNECTIONS: i64 = 1_000_000;
+/// More retries than this only multiply the load a failing request puts on a pool.
+const MAX_RETRIES: i64 = 10;
 const DEFAULT_COOKIE_NAME: &str = "switchyard";
 const STRATEGIES: &str = "`round_robin`, `least_connections`, `ip_hash`, `cookie`";
 const FALLBACKS: &str = "`round_robin`, `least_connections`, `ip_hash`";
@@ -158,11 +162,12 @@ impl Checker<'_> {
         let admin = raw.admin.as_ref().and_then(|admin| self.admin(admin));
         let listeners = self.listeners(raw.listeners.as_ref(), admin.as_ref());
         let routes = self.routes(&raw.routes, &raw.pools);
-        let pools = raw
+        let pools: BTreeMap<String, PoolConfig> = raw
             .pools
             .iter()
             .map(|(name, pool)| (name.get_ref().clone(), self.pool(name, pool)))
             .collect();
+        self.one_health_check_per_address(raw, &pools);
         let timeouts = self.timeouts(raw.timeouts.as_ref());
         let log_format = self.log_format(raw.log_format.as_ref());
         Config {
@@ -404,7 +409,10 @@ impl Checker<'_> {
             }
         };
 
-        let backends = self.backends(&key, name, raw.backends.as_ref());
+        let default_max_connections = raw.max_connections.as_ref().and_then(|value| {
+            self.count(&format!("{key}.max_connections"), value, 1, MAX_CONNECTIONS)
+        });
+        let backends = self.backends(&key, name, raw.backends.as_ref(), default_max_connections);
 
         let mut trusted_proxies = Vec::new();
         for (i, proxy) in raw.trusted_proxies.iter().flatten().enumerate() {
@@ -456,6 +464,38 @@ impl Checker<'_> {
             }
         };
 
+        let retries = raw.retries.as_ref().map_or(DEFAULT_RETRIES, |value| {
+            self.count(&format!("{key}.retries"), value, 0, MAX_RETRIES)
+                .unwrap_or(DEFAULT_RETRIES)
+        });
+
+        let slow_start = raw
+            .slow_start
+            .as_ref()
+            .and_then(|value| self.duration(&format!("{key}.slow_start"), value));
+        let hashes = strategy == Some(StrategyKind::IpHash)
+            || (strategy == Some(StrategyKind::Cookie)
+                && cookie
+                    .as_ref()
+                    .is_some_and(|c| c.fallback == StrategyKind::IpHash));
+        if let (Some(value), true) = (raw.slow_start.as_ref(), hashes) {
+            let message = "slow_start does not work with ip_hash placement: ramping a backend's \
+                           share would move clients back and forth between backends"
+                .to_owned();
+            self.report(&format!("{key}.slow_start"), Some(value.span()), message);
+        }
+
+        let health = raw
+            .health
+            .as_ref()
+            .map(|health| self.health(&format!("{key}.health"), health));
+        let passive = raw
+            .passive
+            .as_ref()
+            .map_or_else(PassiveConfig::default, |passive| {
+                self.passive(&format!("{key}.passive"), passive)
+            });
+
         PoolConfig {
             name: name.get_ref().clone(),
             // Only read when there are no errors, and then the strategy is known.
@@ -465,6 +505,174 @@ impl Checker<'_> {
             trusted_proxies,
             drain_timeout,
             drain_sticky,
+            retries,
+            slow_start,
+            health,
+            passive,
+        }
+    }
+
+    /// Health is kept per backend address, so every pool that checks an address must check it the
+    /// same way.
+    fn one_health_check_per_address(
+        &mut self,
+        raw: &RawConfig,
+        pools: &BTreeMap<String, PoolConfig>,
+    ) {
+        let mut checked: HashMap<SocketAddr, (&str, &HealthConfig)> = HashMap::new();
+        for (name, pool) in pools {
+            let Some(health) = &pool.health else { continue };
+            for backend in &pool.backends {
+                match checked.get(&backend.address) {
+                    None => {
+                        checked.insert(backend.address, (name, health));
+                    }
+                    Some((first, theirs)) if *theirs != health => {
+                        let message = format!(
+                            "backend {} is also in pool `{first}`, whose health check differs; \
+                             a backend has one health state, so its checks must be the same",
+                            backend.address
+                        );
+                        let span = raw
+                            .pools
+                            .keys()
+                            .find(|k| k.get_ref() == name)
+                            .map(|k| k.span());
+                        let key = format!("pools.{}.health", key_segment(name));
+                        self.report(&key, span, message);
+                        break;
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+
+    fn health(&mut self, key: &str, raw: &RawHealth) -> HealthConfig {
+        let path = match &raw.path {
+            None => "/".to_owned(),
+            Some(path) => {
+                let text = path.get_ref();
+                let valid = text.starts_with('/')
+                    && text
+                        .parse::<http::uri::PathAndQuery>()
+                        .is_ok_and(|p| p.as_str() == text);
+                if !valid {
+                    let message = format!(
+                        "`{text}` is not a path: it must start with `/` and be a valid URI path"
+                    );
+                    self.report(&format!("{key}.path"), Some(path.span()), message);
+                }
+                text.clone()
+            }
+        };
+        let host = raw.host.as_ref().map(|host| {
+            let text = host.get_ref();
+            if text.is_empty() || http::HeaderValue::from_str(text).is_err() {
+                let message = format!("`{text}` cannot be a Host header");
+                self.report(&format!("{key}.host"), Some(host.span()), message);
+            }
+            text.clone()
+        });
+        let mut duration = |name: &str, value: &Option<Spanned<String>>, default: Duration| {
+            value
+                .as_ref()
+                .and_then(|value| self.duration(&format!("{key}.{name}"), value))
+                .unwrap_or(default)
+        };
+        let interval = duration("interval", &raw.interval, Duration::from_secs(2));
+        let timeout = duration("timeout", &raw.timeout, Duration::from_secs(1));
+        let unhealthy_threshold = raw.unhealthy_threshold.as_ref().map_or(3, |value| {
+            self.count(&format!("{key}.unhealthy_threshold"), value, 1, 100)
+                .unwrap_or(3)
+        });
+        let healthy_threshold = raw.healthy_threshold.as_ref().map_or(2, |value| {
+            self.count(&format!("{key}.healthy_threshold"), value, 1, 100)
+                .unwrap_or(2)
+        });
+        let expected_status = match &raw.expected_status {
+            None => vec![(200, 399)],
+            Some(value) => match parse_status_ranges(value.get_ref()) {
+                Ok(ranges) => ranges,
+                Err(message) => {
+                    self.report(
+                        &format!("{key}.expected_status"),
+                        Some(value.span()),
+                        message,
+                    );
+                    vec![(200, 399)]
+                }
+            },
+        };
+        HealthConfig {
+            path,
+            host,
+            interval,
+            timeout,
+            unhealthy_threshold,
+            healthy_threshold,
+            expected_status,
+        }
+    }
+
+    fn passive(&mut self, key: &str, raw: &RawPassive) -> PassiveConfig {
+        let defaults = PassiveConfig::default();
+        let consecutive_failures =
+            raw.consecutive_failures
+                .as_ref()
+                .map_or(defaults.consecutive_failures, |value| {
+                    self.count(&format!("{key}.consecutive_failures"), value, 1, 1000)
+                        .unwrap_or(defaults.consecutive_failures)
+                });
+        let ejection_time = raw
+            .ejection_time
+            .as_ref()
+            .and_then(|value| self.duration(&format!("{key}.ejection_time"), value))
+            .unwrap_or(defaults.ejection_time);
+        let max_ejection_time = match &raw.max_ejection_time {
+            None => defaults.max_ejection_time.max(ejection_time),
+            Some(value) => {
+                let parsed = self.duration(&format!("{key}.max_ejection_time"), value);
+                if let Some(max) = parsed.filter(|max| *max < ejection_time) {
+                    let message = format!(
+                        "max_ejection_time ({}) is shorter than ejection_time ({})",
+                        humantime::format_duration(max),
+                        humantime::format_duration(ejection_time)
+                    );
+                    self.report(
+                        &format!("{key}.max_ejection_time"),
+                        Some(value.span()),
+                        message,
+                    );
+                }
+                parsed.unwrap_or(defaults.max_ejection_time)
+            }
+        };
+        let max_ejected_percent =
+            raw.max_ejected_percent
+                .as_ref()
+                .map_or(defaults.max_ejected_percent, |value| {
+                    self.count(&format!("{key}.max_ejected_percent"), value, 0, 100)
+                        .unwrap_or(defaults.max_ejected_percent)
+                });
+        PassiveConfig {
+            enabled: raw.enabled.unwrap_or(defaults.enabled),
+            consecutive_failures,
+            ejection_time,
+            max_ejection_time,
+            max_ejected_percent,
+        }
+    }
+
+    /// An integer within `min..=max`, or an error naming the bounds.
+    fn count(&mut self, key: &str, raw: &Spanned<i64>, min: i64, max: i64) -> Option<u32> {
+        let value = *raw.get_ref();
+        if (min..=max).contains(&value) {
+            u32::try_from(value).ok()
+        } else {
+            let message = format!("{value} is out of range: expected {min} to {max}");
+            self.report(key, Some(raw.span()), message);
+            None
         }
     }
 
@@ -473,6 +681,7 @@ impl Checker<'_> {
         pool_key: &str,
         name: &Spanned<String>,
         raw: Option<&Spanned<Vec<Spanned<RawBackend>>>>,
+        default_max_connections: Option<u32>,
     ) -> Vec<BackendSpec> {
         let key = format!("{pool_key}.backends");
         let needed = "a pool needs at least one backend".to_owned();
@@ -518,9 +727,19 @@ impl Checker<'_> {
             } else {
                 seen.insert(parsed, i);
             }
+            let max_connections = match &backend.get_ref().max_connections {
+                None => default_max_connections,
+                Some(value) => self.count(
+                    &format!("{key}[{i}].max_connections"),
+                    value,
+                    1,
+                    MAX_CONNECTIONS,
+                ),
+            };
             backends.push(BackendSpec {
                 address: parsed,
                 weight,
+                max_connections,
             });
         }
         backends
@@ -739,6 +958,31 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// Parses `expected_status`: comma-separated statuses (`200`) or inclusive ranges (`200-399`).
+fn parse_status_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
+    let bad = |part: &str| {
+        format!(
+            "`{part}` is not a status or a range of statuses (100 to 599); write e.g. \"200-399\" \
+             or \"200,204\""
+        )
+    };
+    let status = |part: &str| {
+        part.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|s| (100..=599).contains(s))
+    };
+    text.split(',')
+        .map(|part| {
+            let range = match part.split_once('-') {
+                None => status(part).map(|s| (s, s)),
+                Some((low, high)) => status(low).zip(status(high)).filter(|(l, h)| l <= h),
+            };
+            range.ok_or_else(|| bad(part.trim()))
+        })
+        .collect()
 }
 
 /// Turns toml's first error into a [`ConfigError`] that names the key it is about.
@@ -1035,12 +1279,31 @@ pool = "app"                 # must name a pool that exists
 [pools.app]
 strategy = "round_robin"     # round_robin | least_connections | ip_hash | cookie (required)
 backends = [                 # at least one; addresses unique within the pool
-  { address = "127.0.0.1:9001", weight = 2 },
+  { address = "127.0.0.1:9001", weight = 2, max_connections = 50 },
   { address = "127.0.0.1:9002" },
 ]
 trusted_proxies = ["10.0.0.0/8", "127.0.0.1"]
 drain_timeout = "45s"
 drain_sticky = "move"
+retries = 2
+slow_start = "30s"
+max_connections = 100
+
+[pools.app.health]
+path = "/healthz?full=1"
+host = "app.internal"
+interval = "5s"
+timeout = "500ms"
+unhealthy_threshold = 4
+healthy_threshold = 3
+expected_status = "200-299, 404"
+
+[pools.app.passive]
+enabled = true
+consecutive_failures = 7
+ejection_time = "20s"
+max_ejection_time = "2m"
+max_ejected_percent = 30
 
 [pools.app.cookie]
 name = "sy_affinity"
@@ -1091,11 +1354,13 @@ shutdown = "1s"
             [
                 BackendSpec {
                     address: "127.0.0.1:9001".parse().unwrap(),
-                    weight: 2
+                    weight: 2,
+                    max_connections: Some(50),
                 },
                 BackendSpec {
                     address: "127.0.0.1:9002".parse().unwrap(),
-                    weight: 1
+                    weight: 1,
+                    max_connections: Some(100),
                 },
             ]
         );
@@ -1108,6 +1373,30 @@ shutdown = "1s"
         );
         assert_eq!(pool.drain_timeout, Duration::from_secs(45));
         assert_eq!(pool.drain_sticky, DrainSticky::Move);
+        assert_eq!(pool.retries, 2);
+        assert_eq!(pool.slow_start, Some(Duration::from_secs(30)));
+        assert_eq!(
+            pool.health,
+            Some(HealthConfig {
+                path: "/healthz?full=1".into(),
+                host: Some("app.internal".into()),
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_millis(500),
+                unhealthy_threshold: 4,
+                healthy_threshold: 3,
+                expected_status: vec![(200, 299), (404, 404)],
+            })
+        );
+        assert_eq!(
+            pool.passive,
+            PassiveConfig {
+                enabled: true,
+                consecutive_failures: 7,
+                ejection_time: Duration::from_secs(20),
+                max_ejection_time: Duration::from_secs(120),
+                max_ejected_percent: 30,
+            }
+        );
         assert_eq!(
             pool.cookie,
             Some(CookieConfig {
@@ -1167,6 +1456,11 @@ secret = "0123456789abcdef"
         assert!(pool.trusted_proxies.is_empty());
         assert_eq!(pool.drain_timeout, Duration::from_secs(30));
         assert_eq!(pool.drain_sticky, DrainSticky::Keep);
+        assert_eq!(pool.retries, 1);
+        assert_eq!(pool.slow_start, None);
+        assert_eq!(pool.health, None);
+        assert_eq!(pool.passive, PassiveConfig::default());
+        assert_eq!(pool.backends[0].max_connections, None);
         assert_eq!(
             pool.cookie,
             Some(CookieConfig {
@@ -1624,6 +1918,115 @@ backends = [{ address = "127.0.0.1:9001" }]
     }
 
     #[test]
+    fn rejects_bad_health_keys_all_at_once() {
+        let errors = check(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001", max_connections = 0 }]
+retries = -1
+
+[pools.app.health]
+path = "healthz"
+interval = "soon"
+unhealthy_threshold = 0
+expected_status = "200-99"
+
+[pools.app.passive]
+ejection_time = "30s"
+max_ejection_time = "10s"
+max_ejected_percent = 101
+"#,
+        )
+        .expect_err("rejected");
+        let keys: Vec<(&str, Option<usize>)> =
+            errors.0.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("pools.app.backends[0].max_connections", Some(7)),
+                ("pools.app.retries", Some(8)),
+                ("pools.app.health.path", Some(11)),
+                ("pools.app.health.interval", Some(12)),
+                ("pools.app.health.unhealthy_threshold", Some(13)),
+                ("pools.app.health.expected_status", Some(14)),
+                ("pools.app.passive.max_ejection_time", Some(18)),
+                ("pools.app.passive.max_ejected_percent", Some(19)),
+            ],
+            "{errors}"
+        );
+        let shown = errors.to_string();
+        assert!(
+            shown.contains("-1 is out of range: expected 0 to 10"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("max_ejection_time (10s) is shorter than ejection_time (30s)"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn rejects_slow_start_with_ip_hash_placement() {
+        let error = only_error(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "cookie"
+backends = [{ address = "127.0.0.1:9001" }]
+slow_start = "30s"
+
+[pools.app.cookie]
+secret = "0123456789abcdef"
+fallback = "ip_hash"
+"#,
+            "pools.app.slow_start",
+            Some(8),
+        );
+        assert!(error.message.contains("ip_hash"), "{error}");
+    }
+
+    #[test]
+    fn rejects_two_health_checks_for_one_address() {
+        let text = r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.a]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+[pools.a.health]
+path = "/a"
+
+[pools.b]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+[pools.b.health]
+path = "/b"
+"#;
+        let error = only_error(text, "pools.b.health", Some(11));
+        assert!(error.message.contains("pool `a`"), "{error}");
+        // The same check in both pools is fine.
+        check(&text.replace("\"/b\"", "\"/a\"")).expect("same check twice");
+    }
+
+    #[test]
+    fn expected_status_takes_lists_and_ranges() {
+        assert_eq!(
+            parse_status_ranges("200, 204,300-308"),
+            Ok(vec![(200, 200), (204, 204), (300, 308)])
+        );
+        for bad in ["", "2xx", "99", "600", "300-200", "200-"] {
+            assert!(parse_status_ranges(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn rejects_missing_strategy() {
         only_error(
             r#"
@@ -1929,7 +2332,7 @@ backends = [
         assert_eq!(error.column, Some(33));
         assert_eq!(
             error.message,
-            "unknown key `wieght`; expected one of `address`, `weight`"
+            "unknown key `wieght`; expected one of `address`, `weight`, `max_connections`"
         );
 
         let error = only_error(

@@ -19,12 +19,9 @@ use crate::backend::{SendError, UpstreamBody};
 use crate::balance::{Affinity, Candidates, Choice, RequestFacts};
 use crate::config::{PoolConfig, StrategyKind};
 use crate::error::ProxyError;
+use crate::health;
 use crate::metrics::MemberMetrics;
 use crate::state::{Pool, Shared, Snapshot};
-
-/// How many backends one request may be tried on: the first, and one retry on another backend when
-/// nothing of the request reached the first.
-const MAX_ATTEMPTS: usize = 2;
 
 /// What the request path knows about the client connection.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +36,7 @@ pub struct ConnInfo {
 /// response body carries the request's [`Record`], which counts the request in the metrics and
 /// writes its access-log line when the body has been sent (or dropped).
 pub async fn handle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conn: &ConnInfo,
     request: Request<Incoming>,
 ) -> Response<LoggedBody> {
@@ -55,10 +52,12 @@ pub async fn handle(
         status: 0,
         bytes: 0,
     };
-    let response = match forward(&snapshot, conn, request, &mut record).await {
+    let response = match forward(shared, &snapshot, conn, request, &mut record).await {
         Ok(response) => response,
         Err(error) => {
-            if error.status().is_server_error() {
+            // A pool with nothing available is logged when that starts and ends (see `health`),
+            // not for each request it turns away.
+            if error.status().is_server_error() && !matches!(error, ProxyError::NoBackend { .. }) {
                 tracing::warn!(error = %error, source = ?std::error::Error::source(&error), "proxy error");
             }
             error_response(&error)
@@ -150,6 +149,7 @@ impl Body for LoggedBody {
 }
 
 async fn forward(
+    shared: &Arc<Shared>,
     snapshot: &Snapshot,
     conn: &ConnInfo,
     mut request: Request<Incoming>,
@@ -185,19 +185,24 @@ async fn forward(
         request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers());
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
     let wants_cookies = pool.config.strategy == StrategyKind::Cookie;
-    let (facts_headers, upstream) = upstream_request(request, conn, upgrading, wants_cookies)?;
+    let (facts_headers, mut upstream) = upstream_request(request, conn, upgrading, wants_cookies)?;
     let facts = RequestFacts {
         client_ip,
         headers: &facts_headers,
     };
+    let retries = pool.config.retries;
+    // A copy to send again after an answer or a failure, kept only for requests that are safe to
+    // repeat and have no body (a body is streamed, never buffered, so it cannot be sent twice).
+    let replay = Replay::of(&upstream, pool);
 
-    let mut upstream = upstream;
-    let mut tried = [usize::MAX; MAX_ATTEMPTS];
-    let mut attempts = 0;
+    // Backends tried for this request; allocates only on a second attempt.
+    let mut tried: Vec<usize> = Vec::new();
+    let mut retried = 0;
     let mut last_error = None;
+    let mut next = choose(pool, &facts, &tried);
     loop {
-        let Some(choice) = choose(pool, &facts, &tried[..attempts]) else {
-            // No other backend to retry on: the client hears why the one it had failed (502).
+        let Some(choice) = next.take() else {
+            // Nothing (else) to try: the client hears why the last backend failed (502), or 503.
             return Err(last_error.unwrap_or_else(|| ProxyError::NoBackend {
                 pool: pool.name().to_owned(),
             }));
@@ -207,22 +212,42 @@ async fn forward(
         record.affinity = choice.affinity;
         pool.metrics.affinity(choice.affinity);
         let guard = member.state.start_request();
-        if member.state.is_out_of_rotation() {
-            // Its drain ended between the choice and the count: choose again.
+        let over_limit = member
+            .spec
+            .max_connections
+            .is_some_and(|max| member.state.load() > u64::from(max));
+        if member.state.is_out_of_rotation() || over_limit {
+            // Its drain ended, or others filled its last slot, between the choice and the count:
+            // choose again (not a retry: nothing was sent).
             drop(guard);
-            tried[attempts] = choice.index;
-            attempts += 1;
-            if attempts == MAX_ATTEMPTS {
-                return Err(last_error.unwrap_or_else(|| ProxyError::NoBackend {
-                    pool: pool.name().to_owned(),
-                }));
-            }
+            tried.push(choice.index);
+            next = choose(pool, &facts, &tried);
             continue;
         }
         let timeouts = &snapshot.config.timeouts;
         match member.state.pool.send(upstream, timeouts).await {
             Ok((mut response, pooled)) => {
-                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                let status = response.status();
+                health::observe(shared, pool, choice.index, status.is_server_error());
+                if matches!(
+                    status,
+                    StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                ) && retried < retries
+                {
+                    if let Some(replay) = &replay {
+                        tried.push(choice.index);
+                        next = choose(pool, &facts, &tried);
+                        if next.is_some() {
+                            // The answer and its connection are dropped unread.
+                            retried += 1;
+                            pool.metrics.retry();
+                            tracing::debug!(backend = %member.spec.address, %status, "retrying on another backend");
+                            upstream = replay.request();
+                            continue;
+                        }
+                    }
+                }
+                let switching = status == StatusCode::SWITCHING_PROTOCOLS;
                 headers::strip_hop_by_hop(response.headers_mut(), switching && upgrading);
                 if let Some(cookie) = choice.set_cookie {
                     response.headers_mut().append(header::SET_COOKIE, cookie);
@@ -273,23 +298,86 @@ async fn forward(
                 ) {
                     pool.member_metrics[choice.index].connect_error();
                 }
-                tried[attempts] = choice.index;
-                attempts += 1;
-                if attempts == MAX_ATTEMPTS {
+                health::observe(shared, pool, choice.index, true);
+                tried.push(choice.index);
+                if retried == retries {
                     return Err(error);
                 }
+                // Nothing of it reached the backend, so any request may go elsewhere.
+                next = choose(pool, &facts, &tried);
+                if next.is_none() {
+                    return Err(error);
+                }
+                retried += 1;
                 pool.metrics.retry();
                 tracing::debug!(error = %error, "retrying on another backend");
                 upstream = *request;
                 last_error = Some(error);
             }
-            Err(SendError::Failed(error)) => return Err(error),
+            Err(SendError::Failed(error)) => {
+                health::observe(shared, pool, choice.index, true);
+                // A timeout is not retried: the backend may still be working on the request, and
+                // the client has already waited the whole timeout once.
+                let broken = matches!(error, ProxyError::Upstream { .. });
+                let (Some(replay), true, true) = (&replay, broken, retried < retries) else {
+                    return Err(error);
+                };
+                tried.push(choice.index);
+                next = choose(pool, &facts, &tried);
+                if next.is_none() {
+                    return Err(error);
+                }
+                retried += 1;
+                pool.metrics.retry();
+                tracing::debug!(error = %error, "retrying on another backend");
+                upstream = replay.request();
+                last_error = Some(error);
+            }
         }
     }
 }
 
+/// What is needed to send a bodiless, idempotent request again.
+#[derive(Debug)]
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    /// A copy of `request` if it may be sent again on another backend: an idempotent method
+    /// (RFC 9110 §9.2.2), no body, and a pool with retries and another backend to use them on.
+    fn of(request: &Request<UpstreamBody>, pool: &Pool) -> Option<Replay> {
+        let idempotent = matches!(
+            *request.method(),
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::TRACE
+                | http::Method::PUT
+                | http::Method::DELETE
+        );
+        let worth_it = pool.config.retries > 0 && pool.members.len() > 1;
+        (idempotent && worth_it && request.body().upload().is_none()).then(|| Replay {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        })
+    }
+
+    fn request(&self) -> Request<UpstreamBody> {
+        let mut request = Request::new(UpstreamBody::empty());
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
 fn choose(pool: &Pool, facts: &RequestFacts<'_>, tried: &[usize]) -> Option<Choice> {
-    let candidates = Candidates::new(&pool.members, pool.active, tried);
+    let candidates =
+        Candidates::new(&pool.members, pool.active, tried).with_slow_start(pool.config.slow_start);
     pool.strategy.choose(facts, &candidates)
 }
 

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::config::Config;
+use crate::health::active::Checks;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ConnInfo};
 use crate::state::Shared;
@@ -61,6 +62,8 @@ pub struct Server {
     connections: TaskTracker,
     /// Reloads (and snapshot refreshes after a drain) happen one at a time.
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
+    /// Active health checkers, one per checked backend address.
+    pub(crate) health_checks: Checks,
 }
 
 impl Server {
@@ -74,10 +77,19 @@ impl Server {
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
             reload_lock: tokio::sync::Mutex::new(()),
+            health_checks: Checks::default(),
         });
         server.metrics().loaded();
         server.adopt_listeners(bound);
+        server.reconcile_health_checks();
         Ok(server)
+    }
+
+    /// Starts and stops health checkers to match the current config.
+    pub(crate) fn reconcile_health_checks(&self) {
+        let config = Arc::clone(&self.shared.snapshot.load().config);
+        self.health_checks
+            .reconcile(&self.shared, &config, &self.shutdown);
     }
 
     /// The shared snapshot and registry.
