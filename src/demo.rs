@@ -1,22 +1,33 @@
-//! The example stateful app server that the quickstart, `examples/app_server.rs` and the integration
-//! tests put behind the proxy.
+//! The example app server that the quickstart, the walkthrough, `examples/app_server.rs` and the
+//! integration tests put behind the proxy.
 //!
 //! It owns nothing the proxy uses. It exists for two reasons: tests need a backend they can ask what it
-//! saw (requests, connections, in-flight requests, the last request's headers), and the quickstart needs
-//! an app whose state lives in one process, so that affinity visibly matters: the visit counter only
-//! climbs while a client keeps landing on the same instance.
+//! saw (requests, connections, in-flight requests, open WebSockets, the last request's headers), and
+//! the examples need an app whose sessions can live in one process or in a shared store, so that
+//! affinity visibly matters: with [`Sessions::memory`] (the default) the visit counter only climbs
+//! while a client keeps landing on the same instance; with a shared store it climbs on any instance.
 //!
-//! # Endpoints (any method)
+//! # Endpoints (any method unless said)
 //! - `/sleep/{ms}`: waits `ms` milliseconds, then answers like `/`.
 //! - `/headers`: the request's headers, one `name: value` per line.
 //! - `/echo`: streams the request body back as it arrives.
 //! - `/status/{code}`: answers with that status and body `{name}\n`.
 //! - `/close`: answers 200 with `Connection: close` and closes the connection (HTTP/1 only).
-//! - anything else: `{name} visits={n}\n`, counted per `app_session` cookie.
+//! - `/ws`: a WebSocket (HTTP/1.1 `GET` upgrade) that greets with `{name}` and echoes messages;
+//!   anything else there gets `426`.
+//! - anything else: `{name} visits={n}\n`, counted per signed `app_session` cookie; `503` when the
+//!   session store fails.
 //!
-//! Every response carries `x-backend: {name}` and `content-type: text/plain`.
+//! Every response carries `x-backend: {name}`; all but the `101` carry `content-type: text/plain`.
 
-use std::collections::HashMap;
+mod sessions;
+mod websocket;
+
+pub use sessions::{
+    MemorySessions, SessionSigner, SessionStore, Sessions, StoreError, StoreFuture,
+    DEMO_SESSION_SECRET, SESSION_COOKIE,
+};
+
 use std::convert::Infallible;
 use std::fmt;
 use std::io;
@@ -28,7 +39,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, COOKIE, SET_COOKIE};
+use http::header::{
+    HeaderValue, CONNECTION, CONTENT_TYPE, COOKIE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_VERSION,
+    SET_COOKIE, UPGRADE,
+};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -40,9 +54,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-/// Name of the app's own session cookie; every other cookie (a proxy's affinity cookie) is ignored.
-pub const SESSION_COOKIE: &str = "app_session";
 
 /// Process-wide so that two servers with the same name never mint the same session id.
 static SESSIONS_ISSUED: AtomicU64 = AtomicU64::new(0);
@@ -56,11 +67,21 @@ pub struct AppServer {
 }
 
 impl AppServer {
-    /// Binds `listen` (use 127.0.0.1:0 in tests) and serves until shut down.
+    /// Binds `listen` (use 127.0.0.1:0 in tests) and serves until shut down, with sessions in this
+    /// process's memory ([`Sessions::memory`]).
     ///
     /// Serves HTTP/1.1 with keep-alive and h2c on the same port. Fails with `InvalidInput` if `name`
     /// cannot be a header value, since it is sent in `x-backend`.
     pub async fn start(listen: SocketAddr, name: &str) -> io::Result<AppServer> {
+        Self::start_with(listen, name, Sessions::memory()).await
+    }
+
+    /// Like [`AppServer::start`], with visit counters kept and session ids signed by `sessions`.
+    pub async fn start_with(
+        listen: SocketAddr,
+        name: &str,
+        sessions: Sessions,
+    ) -> io::Result<AppServer> {
         let x_backend = HeaderValue::from_str(name)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
         let listener = TcpListener::bind(listen).await?;
@@ -71,8 +92,9 @@ impl AppServer {
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            websockets: AtomicU64::new(0),
             last_request_headers: Mutex::new(HeaderMap::new()),
-            sessions: Mutex::new(HashMap::new()),
+            sessions,
         });
         let (stop, stopped) = oneshot::channel();
         let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&app), stopped));
@@ -109,6 +131,11 @@ impl AppServer {
         self.app.in_flight.load(Ordering::Relaxed)
     }
 
+    /// WebSockets on `/ws` currently open.
+    pub fn websockets(&self) -> u64 {
+        self.app.websockets.load(Ordering::Relaxed)
+    }
+
     /// Headers of the most recently arrived request (empty before the first one).
     pub fn last_request_headers(&self) -> HeaderMap {
         lock(&self.app.last_request_headers).clone()
@@ -117,7 +144,8 @@ impl AppServer {
     /// Stops accepting and closes the listener (connections already open may finish); after it returns the port refuses connections.
     ///
     /// Open connections finish the request they are serving and then close, so a proxy's pooled
-    /// keep-alive connections notice the server is gone; this does not wait for them.
+    /// keep-alive connections notice the server is gone; this does not wait for them. WebSockets
+    /// stay open until their client closes them.
     pub async fn shutdown(self) {
         // The accept loop may already have ended if it panicked; either way the listener is dropped
         // once the join below returns.
@@ -134,14 +162,17 @@ impl fmt::Debug for AppServer {
             .field("requests", &self.requests())
             .field("connections", &self.connections())
             .field("in_flight", &self.in_flight())
+            .field("websockets", &self.websockets())
+            .field("sessions", &self.app.sessions.kind())
             .finish()
     }
 }
 
 /// Runs until Ctrl-C (for the example binary).
-pub async fn run_forever(listen: SocketAddr, name: &str) -> io::Result<()> {
-    let server = AppServer::start(listen, name).await?;
-    tracing::info!(addr = %server.addr(), name, "app server listening");
+pub async fn run_forever(listen: SocketAddr, name: &str, sessions: Sessions) -> io::Result<()> {
+    let kind = sessions.kind();
+    let server = AppServer::start_with(listen, name, sessions).await?;
+    tracing::info!(addr = %server.addr(), name, sessions = kind, "app server listening");
     tokio::signal::ctrl_c().await?;
     tracing::info!(name, "ctrl-c received, shutting down");
     server.shutdown().await;
@@ -155,8 +186,9 @@ struct App {
     requests: AtomicU64,
     connections: AtomicU64,
     in_flight: AtomicU64,
+    websockets: AtomicU64,
     last_request_headers: Mutex<HeaderMap>,
-    sessions: Mutex<HashMap<String, u64>>,
+    sessions: Sessions,
 }
 
 type InnerBody = BoxBody<Bytes, hyper::Error>;
@@ -194,7 +226,7 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, stopped: oneshot::Rec
             let app = Arc::clone(&conn_app);
             async move { Ok::<_, Infallible>(app.handle(request).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
         let name = app.name.clone();
         tokio::spawn(async move {
@@ -216,17 +248,23 @@ impl App {
         tracing::debug!(name = %self.name, method = %request.method(), uri = %request.uri(), "request");
 
         let mut response = self.route(request).await;
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();
         headers.insert("x-backend", self.x_backend.clone());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        if !switching {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
         response.map(|inner| InFlightBody {
             inner,
             _in_flight: in_flight,
         })
     }
 
-    async fn route(&self, request: Request<Incoming>) -> Response<InnerBody> {
+    async fn route(self: &Arc<Self>, request: Request<Incoming>) -> Response<InnerBody> {
         let path = request.uri().path();
+        if path == "/ws" {
+            return self.websocket(request);
+        }
         if path == "/echo" {
             return echo(request.into_body()).await;
         }
@@ -255,7 +293,52 @@ impl App {
             };
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        self.visit(request.headers())
+        self.visit(request.headers()).await
+    }
+
+    /// Answers a WebSocket handshake with `101` and serves the socket once hyper hands it over.
+    fn websocket(self: &Arc<Self>, mut request: Request<Incoming>) -> Response<InnerBody> {
+        let accept = websocket::accept(request.method(), request.version(), request.headers());
+        let accept = match accept {
+            Ok(accept) => accept,
+            Err(refusal) => {
+                let (status, why) = match refusal {
+                    websocket::Refusal::NotAnUpgrade => (
+                        StatusCode::UPGRADE_REQUIRED,
+                        "needs an HTTP/1.1 GET with Upgrade: websocket",
+                    ),
+                    websocket::Refusal::Version => (
+                        StatusCode::UPGRADE_REQUIRED,
+                        "needs Sec-WebSocket-Version: 13",
+                    ),
+                    websocket::Refusal::Key => (StatusCode::BAD_REQUEST, "bad Sec-WebSocket-Key"),
+                };
+                let mut response = text(status, format!("{}: /ws {why}\n", self.name));
+                let headers = response.headers_mut();
+                headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                return response;
+            }
+        };
+        let upgrade = hyper::upgrade::on(&mut request);
+        let app = Arc::clone(self);
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let _open = OpenWebSocket::enter(&app);
+                    websocket::serve(TokioIo::new(upgraded), &app.name).await;
+                }
+                Err(err) => tracing::debug!(name = %app.name, error = %err, "upgrade failed"),
+            }
+        });
+        let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        let accept = HeaderValue::from_str(&accept).expect("base64 is a valid header value");
+        headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+        response
     }
 
     fn status(&self, code: &str) -> Response<InnerBody> {
@@ -277,31 +360,41 @@ impl App {
         }
     }
 
-    /// The stateful part: a per-session counter only this process knows about.
-    fn visit(&self, headers: &HeaderMap) -> Response<InnerBody> {
-        let mut sessions = lock(&self.sessions);
-        let known = session_ids(headers)
-            .find(|id| sessions.contains_key(*id))
-            .map(str::to_owned);
-        let (id, fresh) = match known {
-            Some(id) => (id, false),
-            None => (self.new_session_id(), true),
-        };
-        let visits = sessions.entry(id.clone()).or_insert(0);
-        *visits += 1;
-        let visits = *visits;
-        drop(sessions);
-
-        let mut response = text(StatusCode::OK, format!("{} visits={visits}\n", self.name));
-        if fresh {
-            let cookie = format!("{SESSION_COOKIE}={id}; Path=/; HttpOnly");
-            let cookie = HeaderValue::from_str(&cookie).expect("a hex id is a valid header value");
-            response.headers_mut().insert(SET_COOKIE, cookie);
+    /// The stateful part: a per-session counter in the session store. A cookie counts only when
+    /// its signature is ours and the store knows its session; otherwise a new session starts.
+    async fn visit(&self, headers: &HeaderMap) -> Response<InnerBody> {
+        let Sessions { store, signer } = &self.sessions;
+        for id in session_ids(headers).filter_map(|value| signer.verify(value)) {
+            match store.visit(id).await {
+                Ok(Some(visits)) => {
+                    return text(StatusCode::OK, format!("{} visits={visits}\n", self.name))
+                }
+                Ok(None) => {}
+                Err(err) => return self.store_failed(&*err),
+            }
         }
+
+        let id = self.new_session_id();
+        if let Err(err) = store.create(&id).await {
+            return self.store_failed(&*err);
+        }
+        let mut response = text(StatusCode::OK, format!("{} visits=1\n", self.name));
+        let cookie = format!("{SESSION_COOKIE}={}; Path=/; HttpOnly", signer.sign(&id));
+        let cookie = HeaderValue::from_str(&cookie).expect("hex and base64url are header-safe");
+        response.headers_mut().insert(SET_COOKIE, cookie);
         response
     }
 
-    /// Random-looking so that ids from different instances do not collide; not a security token.
+    fn store_failed(&self, err: &(dyn std::error::Error + 'static)) -> Response<InnerBody> {
+        tracing::warn!(name = %self.name, error = %err, "session store failed");
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}: session store unavailable\n", self.name),
+        )
+    }
+
+    /// Random-looking so that ids from different instances do not collide; the signature, not the
+    /// id, is what makes it unforgeable.
     fn new_session_id(&self) -> String {
         let seq = SESSIONS_ISSUED.fetch_add(1, Ordering::Relaxed);
         let nanos = SystemTime::now()
@@ -394,6 +487,22 @@ fn text(status: StatusCode, body: String) -> Response<InnerBody> {
 /// A poisoned lock only means another request panicked; the counters are still usable.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Counts one WebSocket as open until dropped.
+struct OpenWebSocket(Arc<App>);
+
+impl OpenWebSocket {
+    fn enter(app: &Arc<App>) -> Self {
+        app.websockets.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(app))
+    }
+}
+
+impl Drop for OpenWebSocket {
+    fn drop(&mut self) {
+        self.0.websockets.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts one request as in flight until dropped.
@@ -749,5 +858,135 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test]
+    async fn a_shared_store_and_secret_let_any_instance_continue_a_session() {
+        let shared = Sessions::new(Arc::new(MemorySessions::new()), b"shared secret");
+        let any = ANY_PORT.parse().unwrap();
+        let one = AppServer::start_with(any, "one", shared.clone())
+            .await
+            .unwrap();
+        let two = AppServer::start_with(any, "two", shared).await.unwrap();
+        let (mut to_one, _conn) = connect(one.addr()).await;
+        let (mut to_two, _conn) = connect(two.addr()).await;
+
+        let (parts, body) = get(&mut to_one, "/", &[]).await;
+        assert_eq!(body, "one visits=1\n");
+        let cookie = session_cookie(&parts).unwrap();
+        let (parts, body) = get(&mut to_two, "/", &[&cookie]).await;
+        assert_eq!(body, "two visits=2\n");
+        assert_eq!(session_cookie(&parts), None);
+        let (_, body) = get(&mut to_one, "/", &[&cookie]).await;
+        assert_eq!(body, "one visits=3\n");
+    }
+
+    #[tokio::test]
+    async fn a_forged_or_foreign_session_id_starts_a_new_session() {
+        let store: Arc<MemorySessions> = Arc::new(MemorySessions::new());
+        let any = ANY_PORT.parse().unwrap();
+        let ours = Sessions::new(Arc::clone(&store) as Arc<dyn SessionStore>, b"our secret");
+        let server = AppServer::start_with(any, "app", ours).await.unwrap();
+        let (mut sender, _conn) = connect(server.addr()).await;
+        let (parts, _) = get(&mut sender, "/", &[]).await;
+        let cookie = session_cookie(&parts).unwrap();
+        let (id, _tag) = cookie["app_session=".len()..].split_once('.').unwrap();
+
+        // The store knows the id, but without our signature it is not a session.
+        let unsigned = format!("app_session={id}");
+        let foreign = format!(
+            "app_session={}",
+            SessionSigner::new(b"another secret").sign(id)
+        );
+        for bad in [unsigned, foreign] {
+            let (parts, body) = get(&mut sender, "/", &[&bad]).await;
+            assert_eq!(body, "app visits=1\n", "{bad}");
+            assert!(session_cookie(&parts).is_some(), "{bad}");
+        }
+        let (_, body) = get(&mut sender, "/", &[&cookie]).await;
+        assert_eq!(body, "app visits=2\n");
+    }
+
+    /// A store that always fails, as Redis does when it is down.
+    struct BrokenStore;
+
+    impl SessionStore for BrokenStore {
+        fn visit<'a>(&'a self, _id: &'a str) -> StoreFuture<'a, Option<u64>> {
+            Box::pin(async { Err(io::Error::from(io::ErrorKind::ConnectionRefused).into()) })
+        }
+
+        fn create<'a>(&'a self, _id: &'a str) -> StoreFuture<'a, ()> {
+            Box::pin(async { Err(io::Error::from(io::ErrorKind::ConnectionRefused).into()) })
+        }
+
+        fn kind(&self) -> &'static str {
+            "broken"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_store_answers_503_and_sets_no_cookie() {
+        let sessions = Sessions::new(Arc::new(BrokenStore), DEMO_SESSION_SECRET.as_bytes());
+        let server = AppServer::start_with(ANY_PORT.parse().unwrap(), "app", sessions)
+            .await
+            .unwrap();
+        let (mut sender, _conn) = connect(server.addr()).await;
+        let (parts, body) = get(&mut sender, "/", &[]).await;
+        assert_eq!(parts.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, "app: session store unavailable\n");
+        assert_eq!(parts.headers.get(SET_COOKIE), None);
+        // Endpoints without sessions still work.
+        let (parts, _) = get(&mut sender, "/status/200", &[]).await;
+        assert_eq!(parts.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn websocket_greets_with_the_name_echoes_and_is_counted_while_open() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+
+        let server = start("app6").await;
+        let addr = server.addr();
+        let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .expect("handshake");
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(response.headers()["x-backend"], "app6");
+        assert_eq!(response.headers().get(CONTENT_TYPE), None);
+        let greeting = ws.next().await.unwrap().unwrap();
+        assert_eq!(greeting, Message::text("app6"));
+        assert_eq!(server.websockets(), 1);
+
+        for message in [Message::text("hello"), Message::binary(vec![0u8; 70_000])] {
+            ws.send(message.clone()).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), message);
+        }
+        ws.send(Message::Ping(b"p".to_vec().into())).await.unwrap();
+        let pong = ws.next().await.unwrap().unwrap();
+        assert_eq!(pong, Message::Pong(b"p".to_vec().into()));
+
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+        for _ in 0..100 {
+            if server.websockets() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(server.websockets(), 0);
+    }
+
+    #[tokio::test]
+    async fn ws_without_an_upgrade_is_426() {
+        let server = start("app8").await;
+        let (mut sender, _conn) = connect(server.addr()).await;
+        let (parts, body) = get(&mut sender, "/ws", &[]).await;
+        assert_eq!(parts.status, StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(parts.headers[UPGRADE], "websocket");
+        assert_eq!(
+            body,
+            "app8: /ws needs an HTTP/1.1 GET with Upgrade: websocket\n"
+        );
+        assert_eq!(server.websockets(), 0);
     }
 }
