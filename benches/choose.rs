@@ -10,7 +10,9 @@ use switchyard::backend::BackendState;
 use switchyard::balance::{
     self, Candidates, CookieAffinity, IpHash, Member, RequestFacts, RoundRobin,
 };
-use switchyard::config::{BackendSpec, CookieConfig, DrainSticky, PoolConfig, StrategyKind};
+use switchyard::config::{
+    BackendSpec, CookieConfig, DrainSticky, PassiveConfig, PoolConfig, StrategyKind,
+};
 
 const SIZES: [usize; 4] = [3, 10, 100, 1000];
 
@@ -48,6 +50,10 @@ fn pool(kind: StrategyKind, members: &[Member]) -> PoolConfig {
         trusted_proxies: vec![],
         drain_timeout: std::time::Duration::from_secs(30),
         drain_sticky: DrainSticky::Keep,
+        retries: 1,
+        slow_start: None,
+        health: None,
+        passive: PassiveConfig::default(),
     }
 }
 

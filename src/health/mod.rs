@@ -234,9 +234,10 @@ impl HealthState {
     }
 
     /// Ejects the backend for `config.ejection_time`, doubled for each ejection in the current
-    /// streak, at most `config.max_ejection_time`. Returns the ejection's generation and length, or
-    /// `None` when it was ejected already.
-    pub(crate) fn eject(&self, config: &PassiveConfig) -> Option<(u64, Duration)> {
+    /// streak, at most `config.max_ejection_time`; `timed` when a timer will end it (otherwise
+    /// active checks do). Returns the ejection's generation and length, or `None` when it was
+    /// ejected already.
+    pub(crate) fn eject(&self, config: &PassiveConfig, timed: bool) -> Option<(u64, Duration)> {
         let mut detail = self.detail();
         if !self.set(EJECTED) {
             return None;
@@ -256,7 +257,7 @@ impl HealthState {
             .ejection_time
             .saturating_mul(doubling)
             .min(config.max_ejection_time);
-        detail.ejected_until = Some(now + time);
+        detail.ejected_until = timed.then(|| now + time);
         detail.ejections += 1;
         detail.changed = Some(SystemTime::now());
         self.passes_since_ejection.store(0, Ordering::Relaxed);
@@ -439,7 +440,7 @@ pub(crate) fn observe(shared: &Arc<Shared>, pool: &Pool, index: usize, failed: b
             }
             return;
         }
-        state.health.eject(config)
+        state.health.eject(config, !state.health.is_checked())
     };
     let Some((generation, time)) = ejected else {
         return;
@@ -559,8 +560,8 @@ mod tests {
         let config = passive(10, 35);
         let mut times = Vec::new();
         for _ in 0..4 {
-            let (generation, time) = health.eject(&config).unwrap();
-            assert!(health.eject(&config).is_none(), "ejected twice");
+            let (generation, time) = health.eject(&config, true).unwrap();
+            assert!(health.eject(&config, true).is_none(), "ejected twice");
             assert!(!health.is_available());
             times.push(time.as_secs());
             assert!(health.readmit(Some(generation)));
@@ -573,9 +574,9 @@ mod tests {
     fn a_stale_timer_does_not_end_a_later_ejection() {
         let health = HealthState::default();
         let config = passive(10, 300);
-        let (first, _) = health.eject(&config).unwrap();
+        let (first, _) = health.eject(&config, true).unwrap();
         assert!(health.readmit(Some(first)));
-        let (second, _) = health.eject(&config).unwrap();
+        let (second, _) = health.eject(&config, true).unwrap();
         assert!(!health.readmit(Some(first)));
         assert!(health.is_ejected());
         assert!(health.readmit(Some(second)));
@@ -586,7 +587,7 @@ mod tests {
         let health = HealthState::default();
         assert!(health.mark_down());
         assert!(!health.mark_down());
-        let (generation, _) = health.eject(&passive(1, 1)).unwrap();
+        let (generation, _) = health.eject(&passive(1, 1), true).unwrap();
         assert_eq!(health.label(), "down, ejected");
         assert!(health.readmit(Some(generation)));
         assert_eq!(health.label(), "down");
