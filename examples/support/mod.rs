@@ -3,4 +3,6 @@
 // Each crate that includes this uses part of it.
 #![allow(dead_code)]
 
+pub mod redis_server;
 pub mod redis_sessions;
+pub mod story;
