@@ -8,8 +8,15 @@
 //! reveal the address, does not depend on the backend's position or weight, and any instance with
 //! the same secret derives the same id. The MAC covers the first 17 bytes. Every secret verifies;
 //! the first signs, and a cookie verified under an older secret is re-signed with the first.
+//!
+//! Verifying costs a base64 decode and an HMAC, several times a Maglev lookup. A returning client
+//! sends the same cookie on every request, so verified tokens are remembered in a small cache keyed
+//! by the cookie's exact text (compared whole, so a forged cookie can never hit another's entry);
+//! expiry is still checked on every hit.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -27,6 +34,10 @@ use crate::config::CookieConfig;
 pub const TOKEN_COOKIE_VERSION: u8 = 1;
 const BODY_LEN: usize = 1 + 8 + 8;
 const TOKEN_LEN: usize = BODY_LEN + 32;
+/// The token's length in base64url without padding.
+const ENCODED_LEN: usize = (TOKEN_LEN * 4).div_ceil(3);
+/// Verified tokens remembered per pool (a power of two); a slot holds the last token hashed to it.
+const CACHE_SLOTS: usize = 4096;
 /// A token issued this far in the future (clock skew between instances) is still accepted.
 const MAX_CLOCK_SKEW: u64 = 300;
 
@@ -49,6 +60,17 @@ pub struct CookieAffinity {
     max_age: Option<Duration>,
     secure: bool,
     keep_draining: bool,
+    cache: Box<[Mutex<Option<Verified>>]>,
+    /// Random per instance, so that nobody can aim cookies at one slot to evict others' entries.
+    cache_seed: u64,
+}
+
+/// A cache entry: a cookie value whose MAC verified, what it says, and the member it names.
+#[derive(Debug)]
+struct Verified {
+    text: [u8; ENCODED_LEN],
+    token: Token,
+    index: Option<usize>,
 }
 
 /// A verified token.
@@ -97,6 +119,8 @@ impl CookieAffinity {
             max_age: config.max_age,
             secure: config.secure,
             keep_draining,
+            cache: (0..CACHE_SLOTS).map(|_| Mutex::new(None)).collect(),
+            cache_seed: std::collections::hash_map::RandomState::new().hash_one(0u64),
         }
     }
 
@@ -127,11 +151,42 @@ impl CookieAffinity {
             .expect("cookie name is validated and the token is base64url")
     }
 
-    fn verify(&self, value: &str, now: u64) -> Option<Token> {
-        if value.len() > 2 * TOKEN_LEN {
+    /// The token in `value` and the member it names, if it verifies and has not expired.
+    fn verify(&self, value: &str, now: u64) -> Option<(Token, Option<usize>)> {
+        if value.len() != ENCODED_LEN {
             return None;
         }
-        let raw = URL_SAFE_NO_PAD.decode(value).ok()?;
+        let slot =
+            &self.cache[(xxhash_rust::xxh3::xxh3_64_with_seed(value.as_bytes(), self.cache_seed)
+                as usize)
+                & (CACHE_SLOTS - 1)];
+        // A busy slot is skipped, not waited for: verifying again is cheaper than contention.
+        let cached = slot.try_lock().ok().and_then(|entry| {
+            entry
+                .as_ref()
+                .filter(|e| e.text == value.as_bytes())
+                .map(|e| (e.token, e.index))
+        });
+        let (token, index) = match cached {
+            Some(hit) => hit,
+            None => {
+                let token = self.verify_mac(value)?;
+                let index = self.keys[token.key].ids.get(&token.id).copied();
+                if let Ok(mut entry) = slot.try_lock() {
+                    let mut text = [0u8; ENCODED_LEN];
+                    text.copy_from_slice(value.as_bytes());
+                    *entry = Some(Verified { text, token, index });
+                }
+                (token, index)
+            }
+        };
+        self.is_fresh(&token, now).then_some((token, index))
+    }
+
+    fn verify_mac(&self, value: &str) -> Option<Token> {
+        let mut raw = [0u8; TOKEN_LEN + 2];
+        let len = URL_SAFE_NO_PAD.decode_slice(value, &mut raw).ok()?;
+        let raw = &raw[..len];
         if raw.len() != TOKEN_LEN || raw[0] != TOKEN_COOKIE_VERSION {
             return None;
         }
@@ -142,20 +197,19 @@ impl CookieAffinity {
         })?;
         let id = u64::from_be_bytes(raw[1..9].try_into().ok()?);
         let issued = u64::from_be_bytes(raw[9..17].try_into().ok()?);
-        if issued > now + MAX_CLOCK_SKEW {
-            return None;
-        }
-        if let Some(max_age) = self.max_age {
-            if now.saturating_sub(issued) > max_age.as_secs() {
-                return None;
-            }
-        }
         Some(Token { key, id, issued })
+    }
+
+    fn is_fresh(&self, token: &Token, now: u64) -> bool {
+        token.issued <= now + MAX_CLOCK_SKEW
+            && self
+                .max_age
+                .is_none_or(|max_age| now.saturating_sub(token.issued) <= max_age.as_secs())
     }
 
     /// Finds this pool's cookie among the request's cookies: the first one that verifies, or
     /// `Err(())` when cookies of that name exist but none verifies.
-    fn read(&self, headers: &HeaderMap, now: u64) -> Result<Option<Token>, ()> {
+    fn read(&self, headers: &HeaderMap, now: u64) -> Result<Option<(Token, Option<usize>)>, ()> {
         let mut seen = false;
         for header in headers.get_all(COOKIE) {
             let Ok(header) = header.to_str() else {
@@ -211,12 +265,12 @@ fn unix_now() -> u64 {
 impl Strategy for CookieAffinity {
     fn choose(&self, request: &RequestFacts<'_>, candidates: &Candidates<'_>) -> Option<Choice> {
         let now = unix_now();
-        let token = match self.read(request.headers, now) {
+        let (token, index) = match self.read(request.headers, now) {
             Ok(None) => return self.place(request, candidates, Affinity::New, now),
             Err(()) => return self.place(request, candidates, Affinity::Invalid, now),
-            Ok(Some(token)) => token,
+            Ok(Some(found)) => found,
         };
-        let Some(&index) = self.keys[token.key].ids.get(&token.id) else {
+        let Some(index) = index else {
             // Signed by us, but for a backend no longer in the pool.
             return self.place(request, candidates, Affinity::Reassigned, now);
         };
@@ -274,6 +328,24 @@ mod tests {
     fn token_of(set_cookie: &HeaderValue) -> String {
         let c = Cookie::parse(set_cookie.to_str().unwrap().to_owned()).unwrap();
         c.value().to_owned()
+    }
+
+    #[test]
+    fn cached_tokens_still_expire_and_an_altered_one_never_hits() {
+        let mut cfg = config(&["0123456789abcdef"]);
+        cfg.max_age = Some(Duration::from_secs(100));
+        let members = members(&[1, 1]);
+        let a = affinity(&cfg, &members);
+        let token = a.token_for(1, 1_000);
+        for _ in 0..2 {
+            assert_eq!(a.verify(&token, 1_050).map(|(_, i)| i), Some(Some(1)));
+        }
+        assert!(a.verify(&token, 1_101).is_none(), "expired, though cached");
+        let mut altered = token.clone().into_bytes();
+        altered[20] = if altered[20] == b'A' { b'B' } else { b'A' };
+        let altered = String::from_utf8(altered).unwrap();
+        assert!(a.verify(&altered, 1_050).is_none());
+        assert!(a.verify(&token[..token.len() - 1], 1_050).is_none());
     }
 
     #[test]

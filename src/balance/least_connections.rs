@@ -1,10 +1,20 @@
 //! Least connections: the backend with the fewest open requests and upgraded connections relative
 //! to its weight, read from the live state that every pool naming the same address shares.
+//!
+//! Small pools are scanned whole, which is exact and cheap. Large ones compare two backends drawn
+//! at random ("power of two choices", Envoy's default for least request): O(1) per decision, and
+//! within a small constant of the best backend's load, where a scan would cost O(n) per request.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{Candidates, Choice, RequestFacts, Strategy};
 use crate::config::BackendSpec;
+
+/// Pools up to this size are scanned whole; larger ones use two random choices.
+pub const EXACT_SCAN_MAX: usize = 32;
+
+/// Random draws before giving up on finding two ready backends and scanning instead.
+const DRAWS: usize = 8;
 
 /// Fewest in-flight requests plus open upgraded connections (WebSockets) per unit of weight;
 /// equal backends take turns. Upgraded connections count because a tunnel stops being in flight
@@ -23,6 +33,40 @@ impl LeastConnections {
             cursor: AtomicUsize::new(0),
         }
     }
+
+    /// (load + 1, effective weight) of member `i`. +1 counts the request being placed, so that
+    /// weights matter even when idle (Envoy and HAProxy do the same); slow start scales the weight
+    /// down while ramping.
+    #[inline]
+    fn score(&self, candidates: &Candidates<'_>, i: usize) -> (u64, u64) {
+        let load = candidates.members()[i].state.load() + 1;
+        (load, self.weights[i] * candidates.weight_permille(i))
+    }
+
+    /// Whether `a` is less loaded than `b` relative to weight, compared without division.
+    #[inline]
+    fn lighter(a: (u64, u64), b: (u64, u64)) -> bool {
+        u128::from(a.0) * u128::from(b.1) < u128::from(b.0) * u128::from(a.1)
+    }
+
+    /// Every ready backend compared; the scan starts at a rotating offset so that ties alternate
+    /// instead of always going to the first backend.
+    fn scan(&self, candidates: &Candidates<'_>) -> Option<Choice> {
+        let n = self.weights.len();
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<(usize, (u64, u64))> = None;
+        for step in 0..n {
+            let i = (start + step) % n;
+            if !candidates.is_ready(i) {
+                continue;
+            }
+            let score = self.score(candidates, i);
+            if best.is_none_or(|(_, b)| Self::lighter(score, b)) {
+                best = Some((i, score));
+            }
+        }
+        best.map(|(i, _)| Choice::plain(i))
+    }
 }
 
 impl Strategy for LeastConnections {
@@ -31,34 +75,24 @@ impl Strategy for LeastConnections {
         if n == 0 {
             return None;
         }
-        let members = candidates.members();
-        // Starting the scan at a rotating offset makes ties alternate instead of always going to the
-        // first backend.
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-        // (index, load + 1, effective weight)
-        let mut best: Option<(usize, u64, u64)> = None;
-        for step in 0..n {
-            let i = (start + step) % n;
-            if !candidates.is_ready(i) {
+        if n <= EXACT_SCAN_MAX {
+            return self.scan(candidates);
+        }
+        let mut first: Option<usize> = None;
+        for _ in 0..DRAWS {
+            let i = fastrand::usize(..n);
+            if first == Some(i) || !candidates.is_ready(i) {
                 continue;
             }
-            // +1 counts the request being placed, so that weights matter even when idle (Envoy
-            // and HAProxy do the same); slow start scales the weight down while ramping.
-            let load = members[i].state.load() + 1;
-            let weight = self.weights[i] * candidates.weight_permille(i);
-            // load_i / w_i < load_b / w_b, compared without division.
-            let better = match best {
-                None => true,
-                Some((_, load_b, weight_b)) => {
-                    u128::from(load) * u128::from(weight_b)
-                        < u128::from(load_b) * u128::from(weight)
-                }
+            let Some(a) = first else {
+                first = Some(i);
+                continue;
             };
-            if better {
-                best = Some((i, load, weight));
-            }
+            let (sa, si) = (self.score(candidates, a), self.score(candidates, i));
+            return Some(Choice::plain(if Self::lighter(si, sa) { i } else { a }));
         }
-        best.map(|(i, _, _)| Choice::plain(i))
+        // Most backends are unavailable: a scan finds the few that are not.
+        self.scan(candidates)
     }
 }
 
@@ -119,6 +153,30 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(lc.choose(&facts(&headers), &c).unwrap().index, 1);
         }
+    }
+
+    #[test]
+    fn large_pools_pick_the_lighter_of_two_and_spread_load() {
+        let n = 200;
+        let members = members(&vec![1; n]);
+        let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
+        let lc = LeastConnections::new(&specs);
+        let headers = HeaderMap::new();
+        let c = Candidates::new(&members, n, &[]);
+        // 20 requests held per backend on average: two random choices keep the busiest close to
+        // the mean, where one random choice would leave some near 40.
+        let mut held = Vec::new();
+        for _ in 0..n * 20 {
+            let i = lc.choose(&facts(&headers), &c).unwrap().index;
+            held.push(members[i].state.start_request());
+        }
+        let loads: Vec<u64> = members.iter().map(|m| m.state.in_flight()).collect();
+        let max = *loads.iter().max().unwrap();
+        assert!(max <= 24, "busiest backend has {max} against a mean of 20");
+        // Only one backend ready: found by the scan after the draws miss.
+        let tried: Vec<usize> = (1..n).collect();
+        let c = Candidates::new(&members, n, &tried);
+        assert_eq!(lc.choose(&facts(&headers), &c).unwrap().index, 0);
     }
 
     #[test]
