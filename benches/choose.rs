@@ -1,7 +1,9 @@
-//! How fast each strategy chooses, and how long building its selection state takes.
-//! Inputs (members, requests, cookies) are built outside the measured loops.
+//! How fast each strategy chooses (one thread, and two threads choosing at once on one pool), and
+//! how long building its selection state takes. Inputs (members, requests, cookies) are built
+//! outside the measured loops.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::header::COOKIE;
@@ -54,54 +56,115 @@ fn pool(kind: StrategyKind, members: &[Member]) -> PoolConfig {
         slow_start: None,
         health: None,
         passive: PassiveConfig::default(),
+        balance_factor: None,
     }
 }
 
+/// One pool's strategy and the inputs of a returning client's requests.
+struct Case {
+    members: Vec<Member>,
+    strategy: Box<dyn balance::Strategy>,
+    headers: HeaderMap,
+    ips: Vec<IpAddr>,
+}
+
+impl Case {
+    fn new(kind: StrategyKind, n: usize) -> Case {
+        let members = members(n);
+        let config = pool(kind, &members);
+        let strategy = balance::build(&config, &members, n);
+        let mut headers = HeaderMap::new();
+        if kind == StrategyKind::Cookie {
+            // A returning client with a valid cookie: the common case.
+            let specs: Vec<&BackendSpec> = members.iter().map(|m| &m.spec).collect();
+            let affinity = CookieAffinity::new(
+                config.cookie.as_ref().unwrap(),
+                &members,
+                Box::new(RoundRobin::new(&specs)),
+                true,
+            );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let token = affinity.token_for(n / 2, now);
+            headers.insert(
+                COOKIE,
+                HeaderValue::from_str(&format!("sy={token}")).unwrap(),
+            );
+        }
+        let ips = (0..1024u32)
+            .map(|i| IpAddr::from((0x0a00_0000 + i * 7919).to_be_bytes()))
+            .collect();
+        Case {
+            members,
+            strategy,
+            headers,
+            ips,
+        }
+    }
+
+    /// Runs `iters` decisions, the `i`-th with the `i`-th client IP.
+    fn run(&self, iters: u64) {
+        let candidates = Candidates::new(&self.members, self.members.len(), &[]);
+        for i in 0..iters {
+            let facts = RequestFacts {
+                client_ip: self.ips[(i & 1023) as usize],
+                headers: &self.headers,
+            };
+            black_box(self.strategy.choose(&facts, &candidates));
+        }
+    }
+}
+
+const KINDS: [StrategyKind; 4] = [
+    StrategyKind::RoundRobin,
+    StrategyKind::LeastConnections,
+    StrategyKind::IpHash,
+    StrategyKind::Cookie,
+];
+
 fn choose(c: &mut Criterion) {
     let mut group = c.benchmark_group("choose");
-    for kind in [
-        StrategyKind::RoundRobin,
-        StrategyKind::LeastConnections,
-        StrategyKind::IpHash,
-        StrategyKind::Cookie,
-    ] {
+    for kind in KINDS {
         for n in SIZES {
-            let members = members(n);
-            let config = pool(kind, &members);
-            let strategy = balance::build(&config, &members, n);
-            let mut headers = HeaderMap::new();
-            if kind == StrategyKind::Cookie {
-                // A returning client with a valid cookie: the common case.
-                let specs: Vec<&BackendSpec> = members.iter().map(|m| &m.spec).collect();
-                let affinity = CookieAffinity::new(
-                    config.cookie.as_ref().unwrap(),
-                    &members,
-                    Box::new(RoundRobin::new(&specs)),
-                    true,
-                );
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs();
-                let token = affinity.token_for(n / 2, now);
-                headers.insert(
-                    COOKIE,
-                    HeaderValue::from_str(&format!("sy={token}")).unwrap(),
-                );
-            }
-            let ips: Vec<IpAddr> = (0..1024u32)
-                .map(|i| IpAddr::from((0x0a00_0000 + i * 7919).to_be_bytes()))
-                .collect();
-            let candidates = Candidates::new(&members, n, &[]);
-            let mut i = 0usize;
+            let case = Case::new(kind, n);
             group.bench_with_input(BenchmarkId::new(kind.as_str(), n), &n, |b, _| {
-                b.iter(|| {
-                    i = (i + 1) & 1023;
-                    let facts = RequestFacts {
-                        client_ip: ips[i],
-                        headers: &headers,
-                    };
-                    black_box(strategy.choose(&facts, &candidates))
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    case.run(iters);
+                    start.elapsed()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+/// Two threads choosing on the same pool at once: the time is per decision per thread, so a
+/// figure equal to the one-thread figure means no contention at all.
+fn choose_two_threads(c: &mut Criterion) {
+    let mut group = c.benchmark_group("choose_2_threads");
+    for kind in KINDS {
+        for n in SIZES {
+            let case = Case::new(kind, n);
+            group.bench_with_input(BenchmarkId::new(kind.as_str(), n), &n, |b, _| {
+                b.iter_custom(|iters| {
+                    let barrier = std::sync::Barrier::new(2);
+                    let elapsed: Vec<Duration> = std::thread::scope(|scope| {
+                        let runs: Vec<_> = (0..2)
+                            .map(|_| {
+                                scope.spawn(|| {
+                                    barrier.wait();
+                                    let start = Instant::now();
+                                    case.run(iters);
+                                    start.elapsed()
+                                })
+                            })
+                            .collect();
+                        runs.into_iter().map(|r| r.join().unwrap()).collect()
+                    });
+                    elapsed.into_iter().max().unwrap()
                 })
             });
         }
@@ -120,9 +183,13 @@ fn build(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("round_robin_cycle", n), &n, |b, _| {
             b.iter(|| black_box(RoundRobin::new(&specs)))
         });
+        let config = pool(StrategyKind::Cookie, &members);
+        group.bench_with_input(BenchmarkId::new("cookie_ids", n), &n, |b, _| {
+            b.iter(|| black_box(balance::build(&config, &members, n)))
+        });
     }
     group.finish();
 }
 
-criterion_group!(benches, choose, build);
+criterion_group!(benches, choose, choose_two_threads, build);
 criterion_main!(benches);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::backend::{BackendState, BackendStatus, DrainOutcome};
-use crate::config::{Config, ConfigErrors, PoolConfig};
+use crate::config::{Config, ConfigErrors};
 use crate::drain;
 use crate::server::Server;
 use crate::state::Snapshot;
@@ -146,13 +146,13 @@ impl ReloadReport {
                         to: n.strategy.as_str(),
                     });
                 }
-                let limits = |p: &PoolConfig| -> BTreeMap<SocketAddr, Option<u32>> {
-                    p.backends
-                        .iter()
-                        .map(|b| (b.address, b.max_connections))
-                        .collect()
-                };
-                report.other_changes |= limits(o) != limits(n);
+                // A backend that stays but changes its limit (additions and removals are reported
+                // on their own).
+                report.other_changes |= n.backends.iter().any(|b| {
+                    o.backends.iter().any(|old| {
+                        old.address == b.address && old.max_connections != b.max_connections
+                    })
+                });
                 let mut o = o.clone();
                 o.backends.clone_from(&n.backends);
                 o.strategy = n.strategy;
@@ -437,5 +437,32 @@ impl Server {
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(backends: &str) -> Config {
+        let text = format!(
+            "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.app]\nstrategy = \"round_robin\"\n\
+             backends = [{backends}]\n"
+        );
+        Config::from_str(&text, Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn limit_changes_are_settings_but_removals_are_not() {
+        let a = r#"{ address = "127.0.0.1:9001" }"#;
+        let b = r#"{ address = "127.0.0.1:9002" }"#;
+        let b_limited = r#"{ address = "127.0.0.1:9002", max_connections = 5 }"#;
+        let both = config(&format!("{a}, {b}"));
+        let removed = ReloadReport::between(&both, &config(a));
+        assert_eq!(removed.backends_removed.len(), 1);
+        assert!(!removed.other_changes, "{removed}");
+        let limited = ReloadReport::between(&both, &config(&format!("{a}, {b_limited}")));
+        assert!(limited.other_changes, "{limited}");
+        assert_eq!(limited.to_string(), "settings changed");
     }
 }

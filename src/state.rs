@@ -2,6 +2,7 @@
 //! `ArcSwap`. A request loads it once and finishes on it, whatever reloads happen meanwhile.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -28,6 +29,9 @@ pub struct Pool {
     pub metrics: Arc<PoolMetrics>,
     /// Each member's metric handles, by the same index as `members`.
     pub member_metrics: Vec<Arc<MemberMetrics>>,
+    /// This pool's requests and upgraded connections in flight, counted only for pools with a
+    /// `balance_factor` (their bound is a multiple of the average).
+    pub load: Option<Arc<AtomicU64>>,
 }
 
 impl Pool {
@@ -95,6 +99,9 @@ impl Snapshot {
                     .map(|m| metrics.member(&pool_config.name, m.spec.address))
                     .collect();
                 Pool {
+                    load: pool_config
+                        .balance_factor
+                        .map(|_| registry.pool_load(&pool_config.name)),
                     config: pool_config.clone(),
                     members,
                     active,
@@ -110,6 +117,12 @@ impl Snapshot {
             .flat_map(|p| p.members.iter().map(move |m| (p.name(), m.spec.address)))
             .collect();
         metrics.retain(&live_pools, &live_members);
+        let bounded: Vec<&str> = pools
+            .iter()
+            .filter(|p| p.load.is_some())
+            .map(|p| p.name())
+            .collect();
+        registry.retain_pool_loads(&bounded);
         let routes = config
             .routes
             .iter()

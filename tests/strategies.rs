@@ -197,7 +197,8 @@ fn ip_hash_removing_one_of_ten_backends_moves_few_clients() {
         "the removed backend had {on_removed} clients"
     );
     assert!(moved >= on_removed);
-    assert!(moved <= 1_500, "moved {moved} of 10000");
+    // Ideal 10%; the target is at most 12%.
+    assert!(moved <= 1_200, "moved {moved} of 10000");
 }
 
 /// Sends `GET path` with the jar's cookies and takes the reply's.

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use super::state::{BackendState, BackendStatus};
@@ -11,6 +12,8 @@ use super::state::{BackendState, BackendStatus};
 #[derive(Debug, Default)]
 pub struct Registry {
     backends: Mutex<HashMap<SocketAddr, Arc<BackendState>>>,
+    /// Work in flight per pool name, for pools with bounded loads (`balance_factor`).
+    pool_loads: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
 
 impl Registry {
@@ -52,6 +55,19 @@ impl Registry {
         {
             backends.remove(&address);
         }
+    }
+
+    /// The in-flight counter of pool `name`, the same one for as long as a pool of that name
+    /// asks for it, so its count carries over reloads. Only names in `keep` are kept.
+    pub fn pool_load(&self, name: &str) -> Arc<AtomicU64> {
+        let mut loads = self.pool_loads.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(loads.entry(name.to_owned()).or_default())
+    }
+
+    /// Forgets the pool counters of names not in `keep`.
+    pub fn retain_pool_loads(&self, keep: &[&str]) {
+        let mut loads = self.pool_loads.lock().unwrap_or_else(|e| e.into_inner());
+        loads.retain(|name, _| keep.contains(&name.as_str()));
     }
 
     /// Forgets `address`, so that a later use starts from fresh state.

@@ -293,6 +293,7 @@ impl BackendState {
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             state: Arc::clone(self),
+            pool: None,
         }
     }
 
@@ -302,6 +303,7 @@ impl BackendState {
         self.upgrades.fetch_add(1, Ordering::Relaxed);
         UpgradeGuard {
             state: Arc::clone(self),
+            pool: None,
         }
     }
 
@@ -329,6 +331,11 @@ impl BackendState {
     /// A receiver that turns true when upgraded connections must be cut.
     pub fn cut_signal(&self) -> watch::Receiver<bool> {
         self.cut.subscribe()
+    }
+
+    /// Whether upgraded connections through this backend are being cut (a drain's deadline).
+    pub fn is_cut(&self) -> bool {
+        *self.cut.borrow()
     }
 
     /// Tells every upgraded connection through this backend to close.
@@ -386,13 +393,21 @@ pub struct DrainOutcome {
     pub seconds: f64,
 }
 
-/// Holds one in-flight request against a backend; released when dropped.
+/// Holds one in-flight request against a backend (and, for bounded-load pools, against the pool);
+/// released when dropped.
 #[derive(Debug)]
 pub struct InFlightGuard {
     state: Arc<BackendState>,
+    pool: Option<Arc<AtomicU64>>,
 }
 
 impl InFlightGuard {
+    /// Counts the request in `pool` too, until the guard is dropped.
+    pub fn count_in(&mut self, pool: &Arc<AtomicU64>) {
+        pool.fetch_add(1, Ordering::Relaxed);
+        self.pool = Some(Arc::clone(pool));
+    }
+
     /// The backend this request went to.
     pub fn backend(&self) -> &Arc<BackendState> {
         &self.state
@@ -403,17 +418,28 @@ impl Drop for InFlightGuard {
     fn drop(&mut self) {
         // SeqCst: see `BackendState::set_status`.
         self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(pool) = &self.pool {
+            pool.fetch_sub(1, Ordering::Relaxed);
+        }
         self.state.released();
     }
 }
 
-/// Holds one upgraded connection against a backend; released when dropped.
+/// Holds one upgraded connection against a backend (and, for bounded-load pools, against the
+/// pool); released when dropped.
 #[derive(Debug)]
 pub struct UpgradeGuard {
     state: Arc<BackendState>,
+    pool: Option<Arc<AtomicU64>>,
 }
 
 impl UpgradeGuard {
+    /// Counts the connection in `pool` too, until the guard is dropped.
+    pub fn count_in(&mut self, pool: &Arc<AtomicU64>) {
+        pool.fetch_add(1, Ordering::Relaxed);
+        self.pool = Some(Arc::clone(pool));
+    }
+
     /// The backend this connection goes to.
     pub fn backend(&self) -> &Arc<BackendState> {
         &self.state
@@ -424,6 +450,9 @@ impl Drop for UpgradeGuard {
     fn drop(&mut self) {
         // SeqCst: see `BackendState::set_status`.
         self.state.upgraded.fetch_sub(1, Ordering::SeqCst);
+        if let Some(pool) = &self.pool {
+            pool.fetch_sub(1, Ordering::Relaxed);
+        }
         self.state.released();
     }
 }

@@ -330,6 +330,25 @@ mod tests {
         c.value().to_owned()
     }
 
+    #[tokio::test]
+    async fn a_draining_backend_keeps_its_clients_until_its_upgraded_connections_are_cut() {
+        let members = members(&[1, 1]);
+        let a = affinity(&config(&["0123456789abcdef"]), &members);
+        let mut headers = HeaderMap::new();
+        let cookie = format!("sy={}", a.token_for(0, unix_now()));
+        headers.insert(COOKIE, HeaderValue::from_str(&cookie).unwrap());
+        // Held open so that the drain is still under way after the cut.
+        let _socket = members[0].state.start_upgrade();
+        crate::drain::start(&members[0].state, Duration::from_secs(60), false, |_, _| {}).unwrap();
+        let c = Candidates::new(&members, 2, &[]);
+        let kept = a.choose(&facts(&headers), &c).unwrap();
+        assert_eq!((kept.index, kept.affinity), (0, Affinity::Hit));
+        // At the deadline a WebSocket is told to go away; reconnecting, it must land elsewhere.
+        members[0].state.cut_upgraded();
+        let moved = a.choose(&facts(&headers), &c).unwrap();
+        assert_eq!((moved.index, moved.affinity), (1, Affinity::Reassigned));
+    }
+
     #[test]
     fn cached_tokens_still_expire_and_an_altered_one_never_hits() {
         let mut cfg = config(&["0123456789abcdef"]);

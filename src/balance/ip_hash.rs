@@ -43,9 +43,15 @@ impl IpHash {
             return None;
         }
         let start = (key % len as u64) as usize;
-        (0..len)
-            .map(|step| self.table[(start + step) % len] as usize)
-            .find(|&i| candidates.is_ready(i))
+        let walk = |usable: &dyn Fn(usize) -> bool| {
+            (0..len)
+                .map(|step| self.table[(start + step) % len] as usize)
+                .find(|&i| usable(i))
+        };
+        // Over its load bound (balance_factor), the first choice passes the client on to the next
+        // backend in table order, the same one on every instance. Loads shared with other pools can
+        // leave every backend over the bound; then the bound is waived.
+        walk(&|i| candidates.accepts(i)).or_else(|| walk(&|i| candidates.is_ready(i)))
     }
 }
 
@@ -154,11 +160,25 @@ mod tests {
                 moved += 1;
             }
         }
-        assert!(moved <= 1_500, "moved {moved} of 10000");
+        // Ideal: 1/10 (the removed backend's clients). Issue 7's target: at most 12%.
+        assert!(moved <= 1_200, "moved {moved} of 10000");
         assert!(
             moved >= 800,
             "the removed backend's clients must move: {moved}"
         );
+    }
+
+    #[test]
+    fn one_hundred_thousand_clients_spread_within_five_percent_over_ten_backends() {
+        let (_, h) = table_for(&[1; 10]);
+        let mut counts = [0u32; 10];
+        for k in 0..100_000u32 {
+            let ip = IpAddr::from((0x0a00_0000 + k).to_be_bytes());
+            counts[h.lookup(ip_key(ip)).unwrap()] += 1;
+        }
+        let max = *counts.iter().max().unwrap() as f64;
+        let imbalance = max / 10_000.0;
+        assert!(imbalance <= 1.05, "max/mean {imbalance:.3}: {counts:?}");
     }
 
     #[test]
@@ -183,6 +203,49 @@ mod tests {
                 rev[b.lookup(key).unwrap()].address
             );
         }
+    }
+
+    #[test]
+    fn balance_factor_caps_each_backend_at_the_factor_times_the_average() {
+        use crate::balance::load_bound;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+
+        let (members, h) = table_for(&[1; 10]);
+        let pool = Arc::new(AtomicU64::new(0));
+        // 2,000 long requests from 40 clients (offices behind NATs): plain hashing piles several
+        // busy clients onto some backends.
+        let place = |factor: Option<f64>| -> u64 {
+            let mut held = Vec::new();
+            for r in 0..2_000u32 {
+                let ip = IpAddr::from([203, 0, 113, (r % 40) as u8]);
+                let bound = factor.map(|f| load_bound(f, pool.load(Ordering::Relaxed), 10));
+                let c = Candidates::new(&members, 10, &[]).with_bound(bound);
+                let i = h.choose_key(ip_key(ip), &c).unwrap();
+                let mut guard = members[i].state.start_request();
+                guard.count_in(&pool);
+                held.push(guard);
+            }
+            members.iter().map(|m| m.state.in_flight()).max().unwrap()
+        };
+        let plain = place(None);
+        assert!(
+            plain > 250,
+            "plain hashing peaks at {plain}: the test needs a skew"
+        );
+        assert_eq!(
+            pool.load(Ordering::Relaxed),
+            0,
+            "guards released the pool count"
+        );
+        let bounded = place(Some(1.25));
+        assert!(
+            bounded <= 250,
+            "1.25 × the mean of 200 is 250, got {bounded}"
+        );
+        // The walk is deterministic: the same client lands on the same overflow backend.
+        let c = Candidates::new(&members, 10, &[]).with_bound(Some(0));
+        assert_eq!(h.choose_key(7, &c), h.choose_key(7, &c));
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl LeastConnections {
         let mut best: Option<(usize, (u64, u64))> = None;
         for step in 0..n {
             let i = (start + step) % n;
-            if !candidates.is_ready(i) {
+            if !candidates.accepts(i) {
                 continue;
             }
             let score = self.score(candidates, i);
@@ -81,7 +81,7 @@ impl Strategy for LeastConnections {
         let mut first: Option<usize> = None;
         for _ in 0..DRAWS {
             let i = fastrand::usize(..n);
-            if first == Some(i) || !candidates.is_ready(i) {
+            if first == Some(i) || !candidates.accepts(i) {
                 continue;
             }
             let Some(a) = first else {

@@ -55,6 +55,7 @@ pub struct Candidates<'a> {
     active: usize,
     tried: &'a [usize],
     slow_start: Option<Duration>,
+    bound: Option<u64>,
 }
 
 impl<'a> Candidates<'a> {
@@ -66,7 +67,26 @@ impl<'a> Candidates<'a> {
             active,
             tried,
             slow_start: None,
+            bound: None,
         }
+    }
+
+    /// The most load a backend may have to take a new client (bounded-load placement, see
+    /// [`load_bound`]); `None`: no bound.
+    pub fn with_bound(mut self, bound: Option<u64>) -> Self {
+        self.bound = bound;
+        self
+    }
+
+    /// Whether member `i` may take a *new* client: ready, and under the pool's load bound when it
+    /// has one. Placement (round robin, hashing, a new cookie) asks this; a client already pinned
+    /// by its cookie asks [`Candidates::is_ready`], so a bound never breaks a session.
+    #[inline]
+    pub fn accepts(&self, i: usize) -> bool {
+        self.is_ready(i)
+            && self
+                .bound
+                .is_none_or(|bound| self.members[i].state.load() < bound)
     }
 
     /// The pool's `slow_start` window, for [`Candidates::weight_permille`].
@@ -93,12 +113,14 @@ impl<'a> Candidates<'a> {
         member.state.is_ready() && has_room(member) && !self.tried.contains(&i)
     }
 
-    /// Whether member `i` is draining, healthy, under its `max_connections` and not yet tried:
-    /// sticky clients may still be sent there.
+    /// Whether member `i` is draining, healthy, under its `max_connections` and not yet tried, and
+    /// its upgraded connections have not been cut yet: sticky clients may still be sent there.
+    /// (After the cut, a WebSocket told to go away must reconnect elsewhere, not back here.)
     #[inline]
     pub fn is_draining(&self, i: usize) -> bool {
         let member = &self.members[i];
         member.state.is_draining()
+            && !member.state.is_cut()
             && member.state.health.is_available()
             && has_room(member)
             && !self.tried.contains(&i)
@@ -121,6 +143,15 @@ impl<'a> Candidates<'a> {
         let share = self.weight_permille(i);
         self.members[i].state.health.admits(share)
     }
+}
+
+/// The bound of consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2016):
+/// a backend takes a new client only while its load is under `ceil(factor × (total + 1) / n)`,
+/// where `total` is the pool's load and `n` its active backends. Since the average is below the
+/// bound, some backend is always under it.
+pub fn load_bound(factor: f64, total: u64, n: usize) -> u64 {
+    let n = n.max(1) as f64;
+    ((factor * (total + 1) as f64) / n).ceil() as u64
 }
 
 /// Whether a member is under its `max_connections`.

@@ -115,13 +115,14 @@ impl Strategy for RoundRobin {
         for _ in 0..len {
             let i = self.cycle[self.cursor.fetch_add(1, Ordering::Relaxed) % len] as usize;
             // A ramping backend (slow start) passes on the turns it does not take.
-            if candidates.is_ready(i) && candidates.admits(i) {
+            if candidates.accepts(i) && candidates.admits(i) {
                 return Some(Choice::plain(i));
             }
         }
         // Other threads moved the cursor past the ready entries meanwhile: any ready one will do.
         (0..candidates.active().min(len))
-            .find(|&i| candidates.is_ready(i))
+            .find(|&i| candidates.accepts(i))
+            .or_else(|| (0..candidates.active().min(len)).find(|&i| candidates.is_ready(i)))
             .map(Choice::plain)
     }
 }

@@ -163,6 +163,9 @@ pub struct PoolConfig {
     pub health: Option<HealthConfig>,
     /// `[pools.NAME.passive]`: outlier ejection (on by default).
     pub passive: PassiveConfig,
+    /// `balance_factor` (`ip_hash` and `cookie` only; default none): consistent hashing with
+    /// bounded loads — no backend takes new clients above this factor times the pool's average load.
+    pub balance_factor: Option<f64>,
 }
 
 /// `[pools.NAME.health]`: an HTTP GET to each backend, in the background.

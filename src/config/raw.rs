@@ -94,6 +94,8 @@ pub struct RawPool {
     pub slow_start: Option<Spanned<String>>,
     /// `max_connections`: the default for backends that set none.
     pub max_connections: Option<Spanned<i64>>,
+    /// `balance_factor`: a number of at least 1.
+    pub balance_factor: Option<Spanned<f64>>,
     /// `[pools.NAME.health]`.
     pub health: Option<RawHealth>,
     /// `[pools.NAME.passive]`.

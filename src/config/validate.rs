@@ -485,6 +485,28 @@ impl Checker<'_> {
             self.report(&format!("{key}.slow_start"), Some(value.span()), message);
         }
 
+        let balance_factor = raw.balance_factor.as_ref().and_then(|value| {
+            let factor = *value.get_ref();
+            let key = format!("{key}.balance_factor");
+            if !(1.0..=100.0).contains(&factor) {
+                let message =
+                    format!("{factor} is out of range: expected 1.0 to 100.0 (e.g. 1.25)");
+                self.report(&key, Some(value.span()), message);
+                return None;
+            }
+            if matches!(
+                strategy,
+                Some(StrategyKind::RoundRobin | StrategyKind::LeastConnections)
+            ) {
+                let message = "balance_factor bounds hashed and sticky placement; it applies to \
+                               `ip_hash` and `cookie` pools only"
+                    .to_owned();
+                self.report(&key, Some(value.span()), message);
+                return None;
+            }
+            Some(factor)
+        });
+
         let health = raw
             .health
             .as_ref()
@@ -509,6 +531,7 @@ impl Checker<'_> {
             slow_start,
             health,
             passive,
+            balance_factor,
         }
     }
 
@@ -1967,6 +1990,30 @@ max_ejected_percent = 101
             shown.contains("max_ejection_time (10s) is shorter than ejection_time (30s)"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn balance_factor_is_for_hashed_and_sticky_pools_and_at_least_one() {
+        let pool = |strategy: &str, factor: &str| {
+            format!(
+                "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n[pools.app]\nstrategy = \"{strategy}\"\n\
+                 backends = [{{ address = \"127.0.0.1:9001\" }}]\nbalance_factor = {factor}\n\
+                 [pools.app.cookie]\nsecret = \"0123456789abcdef\"\n"
+            )
+        };
+        let config = check(&pool("ip_hash", "1.25")).unwrap();
+        assert_eq!(config.pools["app"].balance_factor, Some(1.25));
+        assert_eq!(
+            check(&pool("cookie", "2")).unwrap().pools["app"].balance_factor,
+            Some(2.0)
+        );
+        only_error(
+            &pool("round_robin", "1.25"),
+            "pools.app.balance_factor",
+            Some(6),
+        );
+        let error = only_error(&pool("ip_hash", "0.9"), "pools.app.balance_factor", Some(6));
+        assert!(error.message.contains("expected 1.0 to 100.0"), "{error}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod headers;
 mod tunnel;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +17,7 @@ use hyper::body::{Body, Incoming};
 pub use body::{Finish, ProxyBody};
 
 use crate::backend::{SendError, UpstreamBody};
-use crate::balance::{Affinity, Candidates, Choice, RequestFacts};
+use crate::balance::{self, Affinity, Candidates, Choice, RequestFacts};
 use crate::config::{PoolConfig, StrategyKind};
 use crate::error::ProxyError;
 use crate::health;
@@ -211,7 +212,10 @@ async fn forward(
         record.metrics = Arc::clone(&pool.member_metrics[choice.index]);
         record.affinity = choice.affinity;
         pool.metrics.affinity(choice.affinity);
-        let guard = member.state.start_request();
+        let mut guard = member.state.start_request();
+        if let Some(load) = &pool.load {
+            guard.count_in(load);
+        }
         let over_limit = member
             .spec
             .max_connections
@@ -265,7 +269,10 @@ async fn forward(
                             .headers()
                             .get(header::UPGRADE)
                             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-                        let upgrade_guard = member.state.start_upgrade();
+                        let mut upgrade_guard = member.state.start_upgrade();
+                        if let Some(load) = &pool.load {
+                            upgrade_guard.count_in(load);
+                        }
                         let cut = member.state.cut_signal();
                         tokio::spawn(tunnel::run(
                             client_upgrade,
@@ -376,8 +383,16 @@ impl Replay {
 }
 
 fn choose(pool: &Pool, facts: &RequestFacts<'_>, tried: &[usize]) -> Option<Choice> {
-    let candidates =
-        Candidates::new(&pool.members, pool.active, tried).with_slow_start(pool.config.slow_start);
+    let bound = pool
+        .config
+        .balance_factor
+        .zip(pool.load.as_ref())
+        .map(|(factor, load)| {
+            balance::load_bound(factor, load.load(Ordering::Relaxed), pool.active)
+        });
+    let candidates = Candidates::new(&pool.members, pool.active, tried)
+        .with_slow_start(pool.config.slow_start)
+        .with_bound(bound);
     pool.strategy.choose(facts, &candidates)
 }
 
