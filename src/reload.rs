@@ -342,6 +342,7 @@ impl Server {
         }
         drop(snapshot);
         self.reconcile_health_checks();
+        crate::health::check_outages(self.shared(), None);
         self.adopt_listeners(new_listeners);
         self.stop_removed_listeners();
         self.metrics().reload_succeeded();
@@ -360,6 +361,7 @@ impl Server {
             Some(&old),
         );
         self.shared().snapshot.store(Arc::new(snapshot));
+        crate::health::check_outages(self.shared(), None);
     }
 
     /// What runs when a drain ends: count it, release a removed backend, drop it from the snapshot.

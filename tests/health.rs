@@ -806,3 +806,111 @@ async fn checks_stop_for_removed_backends_and_start_for_added_ones() {
     assert_eq!(backend["health"]["checked"], true);
     assert_eq!(backend["health"]["last_check"]["result"], "200");
 }
+
+#[tokio::test]
+async fn a_client_stalling_its_upload_does_not_eject_the_backend() {
+    let (a, b) = (Flaky::start("a").await, Flaky::start("b").await);
+    let tail = "[pools.app.passive]\nconsecutive_failures = 2\n\n[timeouts]\nresponse_header = \"200ms\"\n";
+    let (server, proxy) = proxy(&one_pool("round_robin", &addrs(&[&a, &b]), tail)).await;
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut conn = h1_connection::<ChannelBody>(proxy).await;
+        let request = Request::post("/upload")
+            .header("host", "up.test")
+            .body(ChannelBody(rx))
+            .unwrap();
+        // A first chunk, then nothing: the client, not the backend, stalls.
+        tx.send(Bytes::from_static(b"part")).await.unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), conn.send_request(request))
+            .await
+            .expect("answered within 5s")
+            .unwrap();
+        assert_eq!(response.status(), 504);
+        senders.push(tx);
+    }
+    for backend in [&a, &b] {
+        let view = health_of(&server, backend.addr);
+        assert_eq!(view["state"], "healthy", "{view}");
+        assert_eq!(view["consecutive_failures"], 0, "{view}");
+    }
+}
+
+#[tokio::test]
+async fn put_with_a_body_is_not_replayed_after_a_503() {
+    let (bad, good) = (Flaky::start("bad").await, Flaky::start("good").await);
+    bad.answer(503);
+    let (_server, proxy) = proxy(&one_pool(
+        "round_robin",
+        &addrs(&[&bad, &good]),
+        "[pools.app.passive]\nenabled = false",
+    ))
+    .await;
+    let client = client();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let reply = send(
+            &client,
+            proxy,
+            "PUT",
+            "/doc",
+            &[],
+            Bytes::from_static(b"v=2"),
+        )
+        .await;
+        statuses.push(reply.status.as_u16());
+    }
+    // Each PUT reached exactly one backend: the ones that met bad got its 503.
+    assert_eq!(bad.requests() + good.requests(), 4, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 503).count() as u64,
+        bad.requests()
+    );
+    assert!(bad.requests() > 0);
+}
+
+#[tokio::test]
+async fn removing_the_health_table_drops_the_verdict_but_removing_the_backend_keeps_it() {
+    let (a, b) = (Flaky::start("a").await, Flaky::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let write = |list: &[&Flaky], checks: bool| {
+        let text = pool_with(
+            "round_robin",
+            &addrs(list),
+            "drain_timeout = \"30s\"",
+            &format!("\"{SECRET}\""),
+            if checks { FAST_CHECKS } else { "" },
+        );
+        write_config(dir.path(), "proxy.toml", &text)
+    };
+    let path = write(&[&a, &b], true);
+    let server = Server::start(switchyard::config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let proxy = server.listen_addrs()[0];
+    a.health(500);
+    wait_for_health(&server, a.addr, "down").await;
+
+    // No more checks, a still in the pool: nothing would ever bring it back, so it is back now.
+    write(&[&a, &b], false);
+    server.reload_from_file().await.unwrap();
+    assert_eq!(health_state(&server, a.addr), "healthy");
+    let seen = counts(&served(proxy, 10).await);
+    assert_eq!(seen.get("a"), Some(&5), "{seen:?}");
+
+    // Checked again, down again; then removed: while it drains it stays down.
+    write(&[&a, &b], true);
+    server.reload_from_file().await.unwrap();
+    wait_for_health(&server, a.addr, "down").await;
+    write(&[&b], true);
+    server.reload_from_file().await.unwrap();
+    let state = server.shared().registry.get(a.addr).expect("draining");
+    assert_eq!(state.health.label(), "down");
+    let checks = a.checks();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        a.checks() <= checks + 1,
+        "checks of a removed backend went on"
+    );
+    assert_eq!(state.health.label(), "down");
+}

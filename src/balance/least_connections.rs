@@ -34,13 +34,21 @@ impl LeastConnections {
         }
     }
 
-    /// (load + 1, effective weight) of member `i`. +1 counts the request being placed, so that
-    /// weights matter even when idle (Envoy and HAProxy do the same); slow start scales the weight
-    /// down while ramping.
+    /// (load + 1, weight) of member `i`. +1 counts the request being placed, so that weights
+    /// matter even when idle (Envoy and HAProxy do the same).
     #[inline]
     fn score(&self, candidates: &Candidates<'_>, i: usize) -> (u64, u64) {
         let load = candidates.members()[i].state.load() + 1;
-        (load, self.weights[i] * candidates.weight_permille(i))
+        (load, self.weights[i])
+    }
+
+    /// Whether member `i` takes part in this decision. A backend ramping up (slow start) takes
+    /// part in its share of decisions only, so that it gets its share of the work whether the
+    /// pool is idle (where it would lose every tie) or busy (where, being empty, it would win
+    /// them all).
+    #[inline]
+    fn competes(candidates: &Candidates<'_>, i: usize, ramp: bool) -> bool {
+        candidates.accepts(i) && (!ramp || candidates.admits(i))
     }
 
     /// Whether `a` is less loaded than `b` relative to weight, compared without division.
@@ -51,13 +59,13 @@ impl LeastConnections {
 
     /// Every ready backend compared; the scan starts at a rotating offset so that ties alternate
     /// instead of always going to the first backend.
-    fn scan(&self, candidates: &Candidates<'_>) -> Option<Choice> {
+    fn scan(&self, candidates: &Candidates<'_>, ramp: bool) -> Option<Choice> {
         let n = self.weights.len();
         let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
         let mut best: Option<(usize, (u64, u64))> = None;
         for step in 0..n {
             let i = (start + step) % n;
-            if !candidates.accepts(i) {
+            if !Self::competes(candidates, i, ramp) {
                 continue;
             }
             let score = self.score(candidates, i);
@@ -76,12 +84,15 @@ impl Strategy for LeastConnections {
             return None;
         }
         if n <= EXACT_SCAN_MAX {
-            return self.scan(candidates);
+            // Every ramping backend may have sat this decision out: then all compete.
+            return self
+                .scan(candidates, true)
+                .or_else(|| self.scan(candidates, false));
         }
         let mut first: Option<usize> = None;
         for _ in 0..DRAWS {
             let i = fastrand::usize(..n);
-            if first == Some(i) || !candidates.accepts(i) {
+            if first == Some(i) || !Self::competes(candidates, i, true) {
                 continue;
             }
             let Some(a) = first else {
@@ -92,7 +103,8 @@ impl Strategy for LeastConnections {
             return Some(Choice::plain(if Self::lighter(si, sa) { i } else { a }));
         }
         // Most backends are unavailable: a scan finds the few that are not.
-        self.scan(candidates)
+        self.scan(candidates, true)
+            .or_else(|| self.scan(candidates, false))
     }
 }
 
@@ -177,6 +189,29 @@ mod tests {
         let tried: Vec<usize> = (1..n).collect();
         let c = Candidates::new(&members, n, &tried);
         assert_eq!(lc.choose(&facts(&headers), &c).unwrap().index, 0);
+    }
+
+    #[test]
+    fn a_ramping_backend_takes_its_share_idle_or_busy() {
+        let members = members(&[1, 1]);
+        let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
+        let lc = LeastConnections::new(&specs);
+        let headers = HeaderMap::new();
+        let window = Some(std::time::Duration::from_secs(600));
+        let c = Candidates::new(&members, 2, &[]).with_slow_start(window);
+        members[1].state.health.begin_slow_start();
+        // Idle (each request ends before the next): it competes in a tenth of the decisions, far
+        // from its even half.
+        let idle = (0..2_000)
+            .filter(|_| lc.choose(&facts(&headers), &c).unwrap().index == 1)
+            .count();
+        assert!((50..=250).contains(&idle), "idle: {idle} of 2000");
+        // Busy, with the ramping backend empty: it still takes only part of the work.
+        let _busy: Vec<_> = (0..50).map(|_| members[0].state.start_request()).collect();
+        let busy = (0..1_000)
+            .filter(|_| lc.choose(&facts(&headers), &c).unwrap().index == 1)
+            .count();
+        assert!((50..=150).contains(&busy), "busy: {busy} of 1000");
     }
 
     #[test]

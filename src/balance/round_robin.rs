@@ -112,12 +112,25 @@ impl Strategy for RoundRobin {
         }
         // An unavailable backend's turn is skipped, not handed to its neighbour in the cycle, so
         // the others keep their relative shares.
+        // The first backend that declined its turn while ramping up (slow start): when every
+        // ready backend is ramping, it takes the request, so they still share the work evenly.
+        let mut declined = None;
         for _ in 0..len {
             let i = self.cycle[self.cursor.fetch_add(1, Ordering::Relaxed) % len] as usize;
-            // A ramping backend (slow start) passes on the turns it does not take.
-            if candidates.accepts(i) && candidates.admits(i) {
+            if !candidates.accepts(i) {
+                continue;
+            }
+            // A ramping backend passes on the turns it does not take.
+            if candidates.admits(i) {
                 return Some(Choice::plain(i));
             }
+            declined.get_or_insert(i);
+        }
+        if let Some(i) = declined {
+            // A whole cycle went by, so the next request would start where this one did; one more
+            // step makes the fallback rotate like the turns do.
+            self.cursor.fetch_add(1, Ordering::Relaxed);
+            return Some(Choice::plain(i));
         }
         // Other threads moved the cursor past the ready entries meanwhile: any ready one will do.
         (0..candidates.active().min(len))
@@ -163,6 +176,35 @@ mod tests {
         assert_eq!(p, vec![0, 2, 0, 2, 0, 2]);
         let p = picks(&[2, 1, 1], 12, &[2]);
         assert_eq!(p.iter().filter(|&&i| i == 0).count(), 8, "{p:?}");
+    }
+
+    #[test]
+    fn a_ramping_backend_takes_its_share_and_all_ramping_still_spread() {
+        let members = members(&[1, 1, 1]);
+        let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
+        let rr = RoundRobin::new(&specs);
+        let headers = HeaderMap::new();
+        let window = Some(std::time::Duration::from_secs(600));
+        let c = Candidates::new(&members, 3, &[]).with_slow_start(window);
+        let picks = |n: usize| -> Vec<usize> {
+            let mut counts = vec![0; 3];
+            for _ in 0..n {
+                counts[rr.choose(&facts(&headers), &c).unwrap().index] += 1;
+            }
+            counts
+        };
+        // One ramping at 10%: it weighs a tenth of the others (0.1 / 2.1 of 3,000 is 143).
+        members[2].state.health.begin_slow_start();
+        let counts = picks(3_000);
+        assert!((120..=170).contains(&counts[2]), "{counts:?}");
+        // All ramping (say, a whole new set after a reload): they still share evenly.
+        members[0].state.health.begin_slow_start();
+        members[1].state.health.begin_slow_start();
+        let counts = picks(3_000);
+        assert!(
+            counts.iter().all(|&n| (900..=1100).contains(&n)),
+            "{counts:?}"
+        );
     }
 
     #[test]

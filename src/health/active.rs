@@ -2,7 +2,7 @@
 //! `interval` on a fresh connection, and the supervisor that starts and stops those tasks as
 //! reloads change which addresses are checked and how.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 
@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{report, Change, CheckOutcome};
+use crate::backend::BackendState;
 use crate::config::{Config, HealthConfig};
 use crate::state::Shared;
 
@@ -30,13 +31,16 @@ struct Running {
 #[derive(Debug, Default)]
 pub struct Checks {
     running: Mutex<HashMap<SocketAddr, Running>>,
+    /// Addresses that left the config while checked: their last verdict stays while they drain.
+    kept: Mutex<HashSet<SocketAddr>>,
 }
 
 impl Checks {
     /// Makes the running checkers match `config`: one per backend of every pool with a
-    /// `[health]` table. Checkers whose settings changed restart (the backend keeps its health);
-    /// checkers of addresses no longer checked stop, and what they decided is dropped.
-    /// `stop` (the server's shutdown) stops them all.
+    /// `[health]` table. Checkers whose settings changed restart (the backend keeps its health).
+    /// For a backend that stays in the config but is no longer checked, what the checks decided
+    /// is dropped; for one that left the config, the verdict stays for as long as it drains (a
+    /// dead backend stays down for its sticky clients). `stop` (the server's shutdown) stops all.
     pub(crate) fn reconcile(
         &self,
         shared: &Arc<Shared>,
@@ -45,39 +49,64 @@ impl Checks {
     ) {
         // Validation guarantees one health config per address.
         let mut wanted: HashMap<SocketAddr, &HealthConfig> = HashMap::new();
+        let mut in_config: HashSet<SocketAddr> = HashSet::new();
         for pool in config.pools.values() {
-            if let Some(health) = &pool.health {
-                for backend in &pool.backends {
+            for backend in &pool.backends {
+                in_config.insert(backend.address);
+                if let Some(health) = &pool.health {
                     wanted.entry(backend.address).or_insert(health);
                 }
             }
         }
+        let forget = |address: SocketAddr| {
+            if let Some(state) = shared.registry.get(address) {
+                if state.health.forget_checks() {
+                    report(shared, &state, &Change::Unchecked);
+                }
+            }
+        };
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         running.retain(|address, checker| {
             let keep = wanted.get(address).is_some_and(|c| **c == checker.config);
             if !keep {
                 checker.stop.cancel();
                 if !wanted.contains_key(address) {
-                    if let Some(state) = shared.registry.get(*address) {
-                        if state.health.forget_checks() {
-                            report(shared, &state, &Change::Unchecked);
-                        }
+                    if in_config.contains(address) {
+                        forget(*address);
+                    } else if let Some(state) = shared.registry.get(*address) {
+                        state.health.stop_checks();
+                        kept.insert(*address);
                     }
                 }
             }
             keep
         });
+        kept.retain(|address| {
+            if wanted.contains_key(address) {
+                // A new checker takes over below.
+                return false;
+            }
+            if in_config.contains(address) {
+                // Back in a pool without checks: nothing will revise the verdict, so drop it.
+                forget(*address);
+                return false;
+            }
+            shared.registry.get(*address).is_some()
+        });
         for (address, health) in wanted {
             if running.contains_key(&address) {
                 continue;
             }
-            if let Some(state) = shared.registry.get(address) {
-                state.health.set_checked(true);
-            }
+            let Some(state) = shared.registry.get(address) else {
+                continue;
+            };
+            let epoch = state.health.start_checks();
             let token = stop.child_token();
             tokio::spawn(run(
                 Arc::downgrade(shared),
-                address,
+                state,
+                epoch,
                 health.clone(),
                 token.clone(),
             ));
@@ -92,14 +121,16 @@ impl Checks {
     }
 }
 
-/// Checks `address` until `stop`: the first check at once, then every `interval` after the last
-/// one ended.
+/// Checks `state`'s backend until `stop`: the first check at once, then every `interval` after
+/// the last one ended. Its verdicts are written only while it is the checker of `epoch`.
 async fn run(
     shared: Weak<Shared>,
-    address: SocketAddr,
+    state: Arc<BackendState>,
+    epoch: u64,
     config: HealthConfig,
     stop: CancellationToken,
 ) {
+    let address = state.address();
     let mut passes = 0u32;
     let mut failures = 0u32;
     loop {
@@ -110,32 +141,40 @@ async fn run(
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        // Looked up each time: a backend removed and added back gets fresh state.
-        if let Some(state) = shared.registry.get(address) {
-            state.health.set_checked(true);
-            let passed = outcome.passed;
-            let reason = outcome.result.clone();
+        let passed = outcome.passed;
+        if passed {
+            failures = 0;
+            passes = passes.saturating_add(1);
+        } else {
+            tracing::debug!(backend = %address, reason = %outcome.result, "health check failed");
+            passes = 0;
+            failures = failures.saturating_add(1);
+        }
+        let reason = outcome.result.clone();
+        let verdict = state.health.as_checker(epoch, || {
             let since_ejection = state.health.record_check(outcome);
+            let mut changes = Vec::new();
             if passed {
-                failures = 0;
-                passes = passes.saturating_add(1);
                 if passes >= config.healthy_threshold && state.health.mark_up() {
-                    report(&shared, &state, &Change::Up);
+                    changes.push(Change::Up);
                 }
                 if since_ejection >= config.healthy_threshold
                     && state.health.is_ejected()
                     && state.health.readmit(Some(state.health.generation()))
                 {
-                    report(&shared, &state, &Change::Readmitted { by: "checks" });
+                    changes.push(Change::Readmitted { by: "checks" });
                 }
-            } else {
-                passes = 0;
-                failures = failures.saturating_add(1);
-                tracing::debug!(backend = %address, reason = %reason, "health check failed");
-                if failures >= config.unhealthy_threshold && state.health.mark_down() {
-                    report(&shared, &state, &Change::Down { reason });
-                }
+            } else if failures >= config.unhealthy_threshold && state.health.mark_down() {
+                changes.push(Change::Down { reason });
             }
+            changes
+        });
+        // Stopped or replaced meanwhile: another checker, or none, decides now.
+        let Some(changes) = verdict else {
+            return;
+        };
+        for change in &changes {
+            report(&shared, &state, change);
         }
         drop(shared);
         tokio::select! {

@@ -59,6 +59,9 @@ pub struct HealthState {
     passes_since_ejection: AtomicU32,
     /// Bumped by each ejection, so a stale timer cannot end a later one.
     generation: AtomicU64,
+    /// Which checker may write its verdicts: bumped when checks start, restart or stop, and
+    /// held while a verdict is written, so a checker that was stopped cannot write after.
+    checker: Mutex<u64>,
     /// [`now_ns`] when slow start began; 0 when not ramping.
     slow_start_since: AtomicU64,
     /// Turns offered to the backend while ramping, for its admission schedule.
@@ -207,11 +210,39 @@ impl HealthState {
         since_ejection
     }
 
-    pub(crate) fn set_checked(&self, checked: bool) {
+    fn set_checked(&self, checked: bool) {
         self.checked.store(checked, Ordering::Relaxed);
         if !checked {
             self.detail().last_check = None;
         }
+    }
+
+    fn lock_checker(&self) -> MutexGuard<'_, u64> {
+        self.checker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands checks of this address to a new checker; returns its epoch. An older checker's
+    /// verdicts are refused from now on.
+    pub(crate) fn start_checks(&self) -> u64 {
+        let mut epoch = self.lock_checker();
+        *epoch += 1;
+        self.set_checked(true);
+        *epoch
+    }
+
+    /// Runs `verdict` (a checker's writes) only if the checker of `epoch` is still the current
+    /// one, holding the epoch so that checks cannot stop or restart meanwhile.
+    pub(crate) fn as_checker<R>(&self, epoch: u64, verdict: impl FnOnce() -> R) -> Option<R> {
+        let current = self.lock_checker();
+        (*current == epoch).then(verdict)
+    }
+
+    /// Checks stop, for a backend leaving the config: the last verdict stays (a dead draining
+    /// backend stays down for its sticky clients) but no checker may write any more.
+    pub(crate) fn stop_checks(&self) {
+        let mut epoch = self.lock_checker();
+        *epoch += 1;
+        self.set_checked(false);
     }
 
     /// A request succeeded: the failure streak ends.
@@ -277,6 +308,9 @@ impl HealthState {
         }
         detail.ejected_until = None;
         detail.readmitted = Some(Instant::now());
+        // Failures of requests that were in flight during the ejection do not count against it
+        // once it is back.
+        self.failures.store(0, Ordering::Relaxed);
         detail.changed = Some(SystemTime::now());
         drop(detail);
         self.begin_slow_start();
@@ -291,9 +325,12 @@ impl HealthState {
     /// Drops what active checks decided, when they stop for this address; true when it was down
     /// or ejected.
     pub(crate) fn forget_checks(&self) -> bool {
+        let mut epoch = self.lock_checker();
+        *epoch += 1;
         self.set_checked(false);
         let was_down = self.clear(DOWN);
         let was_ejected = self.readmit(None);
+        drop(epoch);
         was_down || was_ejected
     }
 
@@ -415,6 +452,8 @@ pub(crate) fn observe(shared: &Arc<Shared>, pool: &Pool, index: usize, failed: b
     if failures < config.consecutive_failures || state.health.is_ejected() {
         return;
     }
+    // Read once: the ejection's record and its timer must agree even if checks start meanwhile.
+    let timed = !state.health.is_checked();
     let ejected = {
         let _one_at_a_time = shared
             .health
@@ -440,12 +479,11 @@ pub(crate) fn observe(shared: &Arc<Shared>, pool: &Pool, index: usize, failed: b
             }
             return;
         }
-        state.health.eject(config, !state.health.is_checked())
+        state.health.eject(config, timed)
     };
     let Some((generation, time)) = ejected else {
         return;
     };
-    let timed = !state.health.is_checked();
     report(
         shared,
         state,
@@ -455,11 +493,14 @@ pub(crate) fn observe(shared: &Arc<Shared>, pool: &Pool, index: usize, failed: b
         },
     );
     if timed {
-        let state = Arc::clone(state);
+        // Weak: a backend (or a whole server) dropped meanwhile is not kept alive by its timer.
+        let state = Arc::downgrade(state);
         let shared = Arc::downgrade(shared);
         tokio::spawn(async move {
             tokio::time::sleep(time).await;
-            readmit_after_timer(&shared, &state, generation);
+            if let Some(state) = state.upgrade() {
+                readmit_after_timer(&shared, &state, generation);
+            }
         });
     }
 }
@@ -508,20 +549,25 @@ pub(crate) fn report(shared: &Shared, state: &BackendState, change: &Change) {
         }
     }
     shared.metrics.health_change(backend, change.as_str());
-    check_outages(shared, backend);
+    check_outages(shared, Some(backend));
 }
 
-/// Logs each pool naming `backend` that now has no available backend, or has one again.
-fn check_outages(shared: &Shared, backend: SocketAddr) {
+/// Logs each pool (naming `backend`, or every pool) that now has no available backend, or has one
+/// again. Run after each health change and each reload, which can end an outage or start one by
+/// changing membership; pools that no longer exist are forgotten.
+pub(crate) fn check_outages(shared: &Shared, backend: Option<SocketAddr>) {
     let snapshot = shared.snapshot.load();
     let mut outages = shared
         .health
         .outages
         .lock()
         .unwrap_or_else(|e| e.into_inner());
+    if backend.is_none() {
+        outages.retain(|name| snapshot.pool(name).is_some());
+    }
     for pool in &snapshot.pools {
         let actives = &pool.members[..pool.active];
-        if !actives.iter().any(|m| m.spec.address == backend) {
+        if backend.is_some_and(|b| !actives.iter().any(|m| m.spec.address == b)) {
             continue;
         }
         let available = actives.iter().filter(|m| m.state.is_ready()).count();

@@ -229,6 +229,8 @@ async fn forward(
             continue;
         }
         let timeouts = &snapshot.config.timeouts;
+        // Kept to tell, if the exchange fails, whether the client's upload was to blame.
+        let upload = upstream.body().upload();
         match member.state.pool.send(upstream, timeouts).await {
             Ok((mut response, pooled)) => {
                 let status = response.status();
@@ -322,7 +324,13 @@ async fn forward(
                 last_error = Some(error);
             }
             Err(SendError::Failed(error)) => {
-                health::observe(shared, pool, choice.index, true);
+                // A client that stalls or aborts its upload makes the exchange fail too; that says
+                // nothing about the backend, and must not let clients eject healthy backends.
+                let client_side = upload.as_ref().is_some_and(|u| !u.is_done())
+                    || matches!(&error, ProxyError::Upstream { source, .. } if source.is_user());
+                if !client_side {
+                    health::observe(shared, pool, choice.index, true);
+                }
                 // A timeout is not retried: the backend may still be working on the request, and
                 // the client has already waited the whole timeout once.
                 let broken = matches!(error, ProxyError::Upstream { .. });
