@@ -22,6 +22,8 @@
 //!   optional bearer token.
 //! - [`metrics`]: metric names and handles in one place.
 //! - [`demo`]: the example stateful app server used by the examples and the tests.
+//! - [`simulate`]: `switchyard simulate`, the real strategies under a synthetic workload on a
+//!   virtual clock, with tables, JSON and an SVG plot.
 
 pub mod admin;
 pub mod backend;
@@ -35,4 +37,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod simulate;
 pub mod state;

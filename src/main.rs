@@ -1,4 +1,4 @@
-//! The `switchyard` binary: run the proxy in the foreground, or check a config.
+//! The `switchyard` binary: run the proxy in the foreground, check a config, or simulate a pool.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,12 +29,54 @@ enum Command {
         #[arg(long, value_name = "CURRENT")]
         diff: Option<PathBuf>,
     },
+    /// Drive the real strategies of one pool with a synthetic workload on a virtual clock and
+    /// print, per strategy, how evenly load spreads, what pool changes do to clients, and how fast
+    /// a decision is.
+    Simulate(SimulateCli),
+}
+
+#[derive(Debug, clap::Args)]
+struct SimulateCli {
+    /// The pool to simulate (default: the first pool by name).
+    #[arg(long, value_name = "NAME")]
+    pool: Option<String>,
+    /// A strategy to run: round_robin, least_connections, ip_hash, cookie, or `pool` for the
+    /// pool's own. Repeatable; default: all four.
+    #[arg(long = "strategy", value_name = "NAME")]
+    strategies: Vec<switchyard::simulate::StrategyPick>,
+    /// Clients, each with its own IP and one session.
+    #[arg(long, default_value_t = 2_000, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    clients: u32,
+    /// Requests in total, shared between the clients (at least one each).
+    #[arg(long, default_value_t = 100_000, value_name = "M")]
+    requests: u64,
+    /// Virtual length of the run: clients arrive in its first three quarters.
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// Seed of every random draw: the same seed gives the same figures.
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    seed: u64,
+    /// A pool change: remove:IP:PORT@T, add:IP:PORT@T or drain:IP:PORT@T, T in seconds or like
+    /// 30s. Repeatable.
+    #[arg(long = "event", value_name = "KIND:IP:PORT@T")]
+    events: Vec<switchyard::simulate::PoolEvent>,
+    /// Equal sessions, evenly spaced, fixed service time, instead of heavy-tailed sessions.
+    #[arg(long)]
+    uniform: bool,
+    /// Print the figures as JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Also write a plot of per-backend load over time, one panel per strategy.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { ref diff }) => check(&cli, diff.as_deref()),
+        Some(Command::Simulate(ref args)) => simulate(&cli, args),
         None => run(&cli),
     }
 }
@@ -64,6 +106,64 @@ fn check(cli: &Cli, current: Option<&std::path::Path>) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
+}
+
+fn simulate(cli: &Cli, args: &SimulateCli) -> ExitCode {
+    use switchyard::simulate::{self, Shape, SimulateArgs};
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let request = SimulateArgs {
+        pool: args.pool.clone(),
+        strategies: args.strategies.clone(),
+        clients: args.clients,
+        requests: args.requests,
+        duration: args.duration,
+        seed: args.seed,
+        events: args.events.clone(),
+        shape: if args.uniform {
+            Shape::Uniform
+        } else {
+            Shape::HeavyTailed
+        },
+    };
+    let report = match simulate::run(&config, &request) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("{}: {}", cli.config.display(), error_chain(&error));
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("reports serialise")
+        );
+    } else {
+        print!("{report}");
+    }
+    if let Some(path) = &args.svg {
+        if let Err(error) = simulate::plot::write(&report, path) {
+            eprintln!("{}", error_chain(&error));
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// An error and its sources on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line += &format!(": {cause}");
+        source = cause.source();
+    }
+    line
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or one JSON object per line.
