@@ -45,11 +45,11 @@ struct SimulateCli {
     #[arg(long = "strategy", value_name = "NAME")]
     strategies: Vec<switchyard::simulate::StrategyPick>,
     /// Clients, each with its own IP and one session.
-    #[arg(long, default_value_t = 2_000, value_name = "N",
+    #[arg(long, default_value_t = 10_000, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     clients: u32,
     /// Requests in total, shared between the clients (at least one each).
-    #[arg(long, default_value_t = 100_000, value_name = "M")]
+    #[arg(long, default_value_t = 300_000, value_name = "M")]
     requests: u64,
     /// Virtual length of the run: clients arrive in its first three quarters.
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = humantime::parse_duration)]

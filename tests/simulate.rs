@@ -312,8 +312,15 @@ fn balance_factor_keeps_every_placement_under_one_and_a_quarter_times_the_averag
     let dir = tempfile::tempdir().unwrap();
     let plain = config(dir.path(), "ip_hash", &refs(&equal(10)), "", "");
     // Heavy-tailed sessions: a few busy clients pile onto their hashed backends.
-    let skewed =
-        f(&only_run(&run_json(&plain, &["--strategy", "ip_hash"]))["imbalance"]["in_flight"]);
+    let args = [
+        "--strategy",
+        "ip_hash",
+        "--clients",
+        "2000",
+        "--requests",
+        "100000",
+    ];
+    let skewed = f(&only_run(&run_json(&plain, &args))["imbalance"]["in_flight"]);
     assert!(
         skewed > 1.25,
         "the workload needs a skew to bound: {skewed}"
@@ -326,7 +333,7 @@ fn balance_factor_keeps_every_placement_under_one_and_a_quarter_times_the_averag
         "balance_factor = 1.25",
         "",
     );
-    let report = run_json(&bounded, &["--strategy", "ip_hash"]);
+    let report = run_json(&bounded, &args);
     let run = only_run(&report);
     assert_eq!(f(&run["balance_factor"]), 1.25);
     assert_eq!(u(&run["over_bound"]), 0, "a placement went over the bound");

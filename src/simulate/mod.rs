@@ -42,9 +42,9 @@ pub struct SimulateArgs {
     pub pool: Option<String>,
     /// Strategies to run, in order; empty: all four.
     pub strategies: Vec<StrategyPick>,
-    /// Clients, each with its own IP (10.0.0.0 + index) and one session (default 2,000).
+    /// Clients, each with its own IP (10.0.0.0 + index) and one session (default 10,000).
     pub clients: u32,
-    /// Requests over the whole run, split between the clients, at least one each (default 100,000).
+    /// Requests over the whole run, split between the clients, at least one each (default 300,000).
     pub requests: u64,
     /// Virtual length of the run: clients arrive in its first three quarters, and every session
     /// ends inside it (default 60 s).
@@ -58,14 +58,14 @@ pub struct SimulateArgs {
 }
 
 impl SimulateArgs {
-    /// The command line's defaults: every strategy, 2,000 clients, 100,000 requests over 60 s,
+    /// The command line's defaults: every strategy, 10,000 clients, 300,000 requests over 60 s,
     /// seed 1, heavy-tailed sessions, no events.
     pub fn new() -> Self {
         SimulateArgs {
             pool: None,
             strategies: Vec::new(),
-            clients: 2_000,
-            requests: 100_000,
+            clients: 10_000,
+            requests: 300_000,
             duration: Duration::from_secs(60),
             seed: 1,
             events: Vec::new(),

@@ -11,6 +11,20 @@ use super::{Error, Report};
 const WIDTH: u32 = 900;
 const PANEL_HEIGHT: u32 = 260;
 
+/// Line colours (Tableau 10): distinct, and none too pale on white; more backends reuse them.
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
 /// Draws `report` as an SVG document.
 pub fn render(report: &Report) -> Result<String, Error> {
     let mut svg = String::new();
@@ -53,12 +67,14 @@ pub fn render(report: &Report) -> Result<String, Error> {
                 .x_desc("virtual time (s)")
                 .y_desc("requests in flight")
                 .max_light_lines(0)
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.0}"))
                 .bold_line_style(RGBColor(225, 225, 225))
                 .draw()
                 .map_err(plot_error)?;
             for (i, (backend, series)) in run.backends.iter().zip(&run.series.in_flight).enumerate()
             {
-                let color = Palette99::pick(i).to_rgba();
+                let color = COLORS[i % COLORS.len()];
                 let points = series
                     .iter()
                     .enumerate()
@@ -91,7 +107,7 @@ pub fn render(report: &Report) -> Result<String, Error> {
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
+                .position(SeriesLabelPosition::UpperLeft)
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
                 .label_font(("sans-serif", 12))
