@@ -354,7 +354,10 @@ impl<'a> Sim<'a> {
         self.choosing += started.elapsed();
         self.decisions += 1;
 
-        let next = self.clients[c as usize].timer.next_request();
+        let timer = &mut self.clients[c as usize].timer;
+        let next = timer.next_request();
+        // Drawn whether or not a backend takes it, so every strategy sees the same draws.
+        let service = timer.service_us();
         if let Some(at) = next {
             self.schedule(at, Job::Request(c));
         }
@@ -397,7 +400,6 @@ impl<'a> Sim<'a> {
         self.count(backend, 1, 0);
         self.universe[backend].requests += 1;
 
-        let service = self.clients[c as usize].timer.service_us();
         let slot = self.free.pop().unwrap_or_else(|| {
             self.held.push(None);
             self.held.len() - 1
