@@ -64,7 +64,8 @@ fn pool(kind: StrategyKind, members: &[Member]) -> PoolConfig {
 struct Case {
     members: Vec<Member>,
     strategy: Box<dyn balance::Strategy>,
-    headers: HeaderMap,
+    /// One returning client per thread: two clients' cookies, as two users would send.
+    headers: [HeaderMap; 2],
     ips: Vec<IpAddr>,
 }
 
@@ -73,7 +74,7 @@ impl Case {
         let members = members(n);
         let config = pool(kind, &members);
         let strategy = balance::build(&config, &members, n);
-        let mut headers = HeaderMap::new();
+        let mut headers = [HeaderMap::new(), HeaderMap::new()];
         if kind == StrategyKind::Cookie {
             // A returning client with a valid cookie: the common case.
             let specs: Vec<&BackendSpec> = members.iter().map(|m| &m.spec).collect();
@@ -87,11 +88,13 @@ impl Case {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_secs();
-            let token = affinity.token_for(n / 2, now);
-            headers.insert(
-                COOKIE,
-                HeaderValue::from_str(&format!("sy={token}")).unwrap(),
-            );
+            for (client, headers) in headers.iter_mut().enumerate() {
+                let token = affinity.token_for(n / 2 + client, now);
+                headers.insert(
+                    COOKIE,
+                    HeaderValue::from_str(&format!("sy={token}")).unwrap(),
+                );
+            }
         }
         let ips = (0..1024u32)
             .map(|i| IpAddr::from((0x0a00_0000 + i * 7919).to_be_bytes()))
@@ -104,13 +107,13 @@ impl Case {
         }
     }
 
-    /// Runs `iters` decisions, the `i`-th with the `i`-th client IP.
-    fn run(&self, iters: u64) {
+    /// Runs `iters` decisions as client `client` (0 or 1), the `i`-th with the `i`-th client IP.
+    fn run(&self, iters: u64, client: usize) {
         let candidates = Candidates::new(&self.members, self.members.len(), &[]);
         for i in 0..iters {
             let facts = RequestFacts {
                 client_ip: self.ips[(i & 1023) as usize],
-                headers: &self.headers,
+                headers: &self.headers[client],
             };
             black_box(self.strategy.choose(&facts, &candidates));
         }
@@ -132,7 +135,7 @@ fn choose(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(kind.as_str(), n), &n, |b, _| {
                 b.iter_custom(|iters| {
                     let start = Instant::now();
-                    case.run(iters);
+                    case.run(iters, 0);
                     start.elapsed()
                 })
             });
@@ -153,11 +156,12 @@ fn choose_two_threads(c: &mut Criterion) {
                     let barrier = std::sync::Barrier::new(2);
                     let elapsed: Vec<Duration> = std::thread::scope(|scope| {
                         let runs: Vec<_> = (0..2)
-                            .map(|_| {
-                                scope.spawn(|| {
+                            .map(|client| {
+                                let (case, barrier) = (&case, &barrier);
+                                scope.spawn(move || {
                                     barrier.wait();
                                     let start = Instant::now();
-                                    case.run(iters);
+                                    case.run(iters, client);
                                     start.elapsed()
                                 })
                             })

@@ -152,38 +152,37 @@ impl CookieAffinity {
     }
 
     /// The token in `value` and the member it names, if it verifies and has not expired.
-    fn verify(&self, value: &str, now: u64) -> Option<(Token, Option<usize>)> {
+    fn verify(&self, value: &[u8], now: &Now) -> Option<(Token, Option<usize>)> {
         if value.len() != ENCODED_LEN {
             return None;
         }
-        let slot =
-            &self.cache[(xxhash_rust::xxh3::xxh3_64_with_seed(value.as_bytes(), self.cache_seed)
-                as usize)
-                & (CACHE_SLOTS - 1)];
+        let hash = xxhash_rust::xxh3::xxh3_64_with_seed(value, self.cache_seed);
+        let slot = &self.cache[(hash as usize) & (CACHE_SLOTS - 1)];
         // A busy slot is skipped, not waited for: verifying again is cheaper than contention.
         let cached = slot.try_lock().ok().and_then(|entry| {
             entry
                 .as_ref()
-                .filter(|e| e.text == value.as_bytes())
+                .filter(|e| e.text == value)
                 .map(|e| (e.token, e.index))
         });
-        let (token, index) = match cached {
-            Some(hit) => hit,
-            None => {
-                let token = self.verify_mac(value)?;
-                let index = self.keys[token.key].ids.get(&token.id).copied();
-                if let Ok(mut entry) = slot.try_lock() {
-                    let mut text = [0u8; ENCODED_LEN];
-                    text.copy_from_slice(value.as_bytes());
-                    *entry = Some(Verified { text, token, index });
-                }
-                (token, index)
-            }
-        };
-        self.is_fresh(&token, now).then_some((token, index))
+        if let Some((token, index)) = cached {
+            // The clock-skew check passed when it was cached, and time only moves on.
+            return self.is_young(&token, now).then_some((token, index));
+        }
+        let token = self.verify_mac(value)?;
+        if token.issued > now.get() + MAX_CLOCK_SKEW || !self.is_young(&token, now) {
+            return None;
+        }
+        let index = self.keys[token.key].ids.get(&token.id).copied();
+        if let Ok(mut entry) = slot.try_lock() {
+            let mut text = [0u8; ENCODED_LEN];
+            text.copy_from_slice(value);
+            *entry = Some(Verified { text, token, index });
+        }
+        Some((token, index))
     }
 
-    fn verify_mac(&self, value: &str) -> Option<Token> {
+    fn verify_mac(&self, value: &[u8]) -> Option<Token> {
         let mut raw = [0u8; TOKEN_LEN + 2];
         let len = URL_SAFE_NO_PAD.decode_slice(value, &mut raw).ok()?;
         let raw = &raw[..len];
@@ -200,27 +199,21 @@ impl CookieAffinity {
         Some(Token { key, id, issued })
     }
 
-    fn is_fresh(&self, token: &Token, now: u64) -> bool {
-        token.issued <= now + MAX_CLOCK_SKEW
-            && self
-                .max_age
-                .is_none_or(|max_age| now.saturating_sub(token.issued) <= max_age.as_secs())
+    /// Within `max_age`, if there is one (and only then is the clock read).
+    fn is_young(&self, token: &Token, now: &Now) -> bool {
+        self.max_age
+            .is_none_or(|max_age| now.get().saturating_sub(token.issued) <= max_age.as_secs())
     }
 
     /// Finds this pool's cookie among the request's cookies: the first one that verifies, or
     /// `Err(())` when cookies of that name exist but none verifies.
-    fn read(&self, headers: &HeaderMap, now: u64) -> Result<Option<(Token, Option<usize>)>, ()> {
+    fn read(&self, headers: &HeaderMap, now: &Now) -> Result<Option<(Token, Option<usize>)>, ()> {
         let mut seen = false;
         for header in headers.get_all(COOKIE) {
-            let Ok(header) = header.to_str() else {
-                continue;
-            };
-            for cookie in Cookie::split_parse(header).flatten() {
-                if cookie.name() == self.name {
-                    seen = true;
-                    if let Some(token) = self.verify(cookie.value(), now) {
-                        return Ok(Some(token));
-                    }
+            for value in cookie_values(header.as_bytes(), self.name.as_bytes()) {
+                seen = true;
+                if let Some(token) = self.verify(value, now) {
+                    return Ok(Some(token));
                 }
             }
         }
@@ -236,12 +229,12 @@ impl CookieAffinity {
         request: &RequestFacts<'_>,
         candidates: &Candidates<'_>,
         affinity: Affinity,
-        now: u64,
+        now: &Now,
     ) -> Option<Choice> {
         let choice = self.fallback.choose(request, candidates)?;
         Some(Choice {
             index: choice.index,
-            set_cookie: Some(self.set_cookie(choice.index, now)),
+            set_cookie: Some(self.set_cookie(choice.index, now.get())),
             affinity,
         })
     }
@@ -255,6 +248,35 @@ fn backend_id(mac: &HmacSha256, address: &str) -> u64 {
     u64::from_be_bytes(out[..8].try_into().expect("32-byte MAC"))
 }
 
+/// The values of the cookies named `name` in one `Cookie` header (`a=1; b=2`), as bytes: a plain
+/// scan, since a returning client's cookie is read on every request.
+fn cookie_values<'h>(header: &'h [u8], name: &'h [u8]) -> impl Iterator<Item = &'h [u8]> + 'h {
+    header.split(|&b| b == b';').filter_map(move |pair| {
+        let pair = pair.trim_ascii();
+        let rest = pair.strip_prefix(name)?;
+        let value = rest.trim_ascii_start().strip_prefix(b"=")?;
+        Some(value.trim_ascii())
+    })
+}
+
+/// The current Unix time, read at most once per decision and only when needed: a returning
+/// client's cookie without `max_age` needs no clock at all.
+#[derive(Debug, Default)]
+struct Now(std::cell::Cell<Option<u64>>);
+
+impl Now {
+    fn get(&self) -> u64 {
+        match self.0.get() {
+            Some(now) => now,
+            None => {
+                let now = unix_now();
+                self.0.set(Some(now));
+                now
+            }
+        }
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -264,27 +286,27 @@ fn unix_now() -> u64 {
 
 impl Strategy for CookieAffinity {
     fn choose(&self, request: &RequestFacts<'_>, candidates: &Candidates<'_>) -> Option<Choice> {
-        let now = unix_now();
-        let (token, index) = match self.read(request.headers, now) {
-            Ok(None) => return self.place(request, candidates, Affinity::New, now),
-            Err(()) => return self.place(request, candidates, Affinity::Invalid, now),
+        let now = Now::default();
+        let (token, index) = match self.read(request.headers, &now) {
+            Ok(None) => return self.place(request, candidates, Affinity::New, &now),
+            Err(()) => return self.place(request, candidates, Affinity::Invalid, &now),
             Ok(Some(found)) => found,
         };
         let Some(index) = index else {
             // Signed by us, but for a backend no longer in the pool.
-            return self.place(request, candidates, Affinity::Reassigned, now);
+            return self.place(request, candidates, Affinity::Reassigned, &now);
         };
         let usable =
             candidates.is_ready(index) || (self.keep_draining && candidates.is_draining(index));
         if !usable {
-            return self.place(request, candidates, Affinity::Reassigned, now);
+            return self.place(request, candidates, Affinity::Reassigned, &now);
         }
         // Re-sign cookies from an old secret, and slide expiry for active clients at half-life, so
         // that neither a key rotation nor max_age cuts off a user who keeps coming back.
         let stale = self
             .max_age
-            .is_some_and(|age| now.saturating_sub(token.issued) > age.as_secs() / 2);
-        let set_cookie = (token.key != 0 || stale).then(|| self.set_cookie(index, now));
+            .is_some_and(|age| now.get().saturating_sub(token.issued) > age.as_secs() / 2);
+        let set_cookie = (token.key != 0 || stale).then(|| self.set_cookie(index, now.get()));
         Some(Choice {
             index,
             set_cookie,
@@ -350,21 +372,38 @@ mod tests {
     }
 
     #[test]
+    fn cookie_values_are_found_among_others() {
+        let header = b"a=1; sy=tok1 ;sy = tok2; sya=x; xsy=y";
+        let found: Vec<&[u8]> = cookie_values(header, b"sy").collect();
+        assert_eq!(found, [&b"tok1"[..], &b"tok2"[..]]);
+        assert_eq!(cookie_values(b"", b"sy").count(), 0);
+    }
+
+    #[test]
     fn cached_tokens_still_expire_and_an_altered_one_never_hits() {
+        let at = |now: u64| Now(std::cell::Cell::new(Some(now)));
         let mut cfg = config(&["0123456789abcdef"]);
         cfg.max_age = Some(Duration::from_secs(100));
         let members = members(&[1, 1]);
         let a = affinity(&cfg, &members);
         let token = a.token_for(1, 1_000);
         for _ in 0..2 {
-            assert_eq!(a.verify(&token, 1_050).map(|(_, i)| i), Some(Some(1)));
+            assert_eq!(
+                a.verify(token.as_bytes(), &at(1_050)).map(|(_, i)| i),
+                Some(Some(1))
+            );
         }
-        assert!(a.verify(&token, 1_101).is_none(), "expired, though cached");
+        assert!(
+            a.verify(token.as_bytes(), &at(1_101)).is_none(),
+            "expired, though cached"
+        );
         let mut altered = token.clone().into_bytes();
         altered[20] = if altered[20] == b'A' { b'B' } else { b'A' };
         let altered = String::from_utf8(altered).unwrap();
-        assert!(a.verify(&altered, 1_050).is_none());
-        assert!(a.verify(&token[..token.len() - 1], 1_050).is_none());
+        assert!(a.verify(altered.as_bytes(), &at(1_050)).is_none());
+        assert!(a
+            .verify(token[..token.len() - 1].as_bytes(), &at(1_050))
+            .is_none());
     }
 
     #[test]
