@@ -28,6 +28,7 @@ fn members(n: usize) -> Vec<Member> {
                     address,
                     weight: 1 + (i % 3) as u32,
                     max_connections: None,
+                    tls: None,
                 },
                 state: BackendState::new(address),
             }
@@ -54,6 +55,7 @@ fn pool(kind: StrategyKind, members: &[Member]) -> PoolConfig {
         slow_start: None,
         health: None,
         passive: PassiveConfig::default(),
+        ca: None,
     }
 }
 

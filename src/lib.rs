@@ -16,6 +16,7 @@
 //! - [`health`]: active checks, passive ejection and slow start.
 //! - [`proxy`]: the request path, header rules, response bodies, upgraded tunnels.
 //! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`tls`]: certificates and rustls configs, built when a config is loaded.
 //! - [`reload`]: file watch / SIGHUP / admin → load → validate → reconcile → store.
 //! - [`drain`]: the Active → Draining → Retired/Drained state machine.
 //! - [`admin`]: the status page, `/status`, `/reload`, runtime drain and `/metrics`, behind an
@@ -36,3 +37,4 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod tls;
