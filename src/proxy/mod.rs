@@ -3,6 +3,7 @@
 
 mod body;
 pub mod headers;
+mod redirect;
 mod tunnel;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 
 pub use body::{Finish, ProxyBody};
+pub use redirect::HttpsRedirect;
 
 use crate::backend::{SendError, UpstreamBody};
 use crate::balance::{Affinity, Candidates, Choice, RequestFacts};
@@ -30,6 +32,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
+    /// Set on a plain listener with `redirect_https`: every request is redirected, none proxied.
+    pub redirect: Option<HttpsRedirect>,
 }
 
 /// Proxies one request and always returns a response: the backend's, or a short error. The
@@ -52,7 +56,11 @@ pub async fn handle(
         status: 0,
         bytes: 0,
     };
-    let response = match forward(shared, &snapshot, conn, request, &mut record).await {
+    let result = match conn.redirect {
+        Some(redirect) => redirect.respond(request.uri(), request.headers()),
+        None => forward(shared, &snapshot, conn, request, &mut record).await,
+    };
+    let response = match result {
         Ok(response) => response,
         Err(error) => {
             // A pool with nothing available is logged when that starts and ends (see `health`),
@@ -225,7 +233,13 @@ async fn forward(
             continue;
         }
         let timeouts = &snapshot.config.timeouts;
-        match member.state.pool.send(upstream, timeouts).await {
+        let tls = member.spec.tls.as_ref();
+        match member
+            .state
+            .pool
+            .send(upstream, timeouts, tls, upgrading)
+            .await
+        {
             Ok((mut response, pooled)) => {
                 let status = response.status();
                 health::observe(shared, pool, choice.index, status.is_server_error());
@@ -273,6 +287,7 @@ async fn forward(
                             websocket,
                             upgrade_guard,
                             cut,
+                            timeouts.upgraded_idle,
                         ));
                     }
                     // The connection now belongs to the tunnel; it never returns to the pool.
