@@ -159,5 +159,8 @@ fn refuses_a_certificate_it_cannot_read_naming_file_line_and_key() {
         position(&text, "\"missing.crt\""),
         path.with_file_name("missing.crt").display()
     );
-    assert!(stderr.starts_with(&expected), "{stderr}\nexpected: {expected}");
+    assert!(
+        stderr.starts_with(&expected),
+        "{stderr}\nexpected: {expected}"
+    );
 }
