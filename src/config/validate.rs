@@ -1310,10 +1310,16 @@ impl Checker<'_> {
             },
             _ => (rest, 443),
         };
-        let unbracketed = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
+        let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        if bracketed.is_none() && host.contains(':') {
+            self.report(
+                key,
+                Some(raw.span()),
+                bad("an IPv6 address goes in brackets"),
+            );
+            return None;
+        }
+        let unbracketed = bracketed.unwrap_or(host);
         if let Ok(ip) = unbracketed.parse::<IpAddr>() {
             let target = HttpsTarget::new(ip.to_string(), ServerName::IpAddress(ip.into()), port)?;
             return Some((SocketAddr::new(ip, port), Some(target)));
