@@ -30,6 +30,7 @@ fn members(n: usize) -> Vec<Member> {
                     address,
                     weight: 1 + (i % 3) as u32,
                     max_connections: None,
+                    tls: None,
                 },
                 state: BackendState::new(address),
             }
@@ -57,6 +58,7 @@ fn pool(kind: StrategyKind, members: &[Member]) -> PoolConfig {
         health: None,
         passive: PassiveConfig::default(),
         balance_factor: None,
+        ca: None,
     }
 }
 

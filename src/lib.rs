@@ -14,8 +14,10 @@
 //! - [`backend`]: live per-address state (in-flight, drain, connection pool) and its registry.
 //! - [`balance`]: the strategy trait and the four strategies.
 //! - [`health`]: active checks, passive ejection and slow start.
-//! - [`proxy`]: the request path, header rules, response bodies, upgraded tunnels.
-//! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`proxy`]: the request path, header rules, response bodies, upgraded tunnels, the https
+//!   redirect.
+//! - [`server`]: listeners, TLS termination, connections, graceful shutdown.
+//! - [`tls`]: certificates and rustls configs, built when a config is loaded.
 //! - [`reload`]: file watch / SIGHUP / admin → load → validate → reconcile → store.
 //! - [`drain`]: the Active → Draining → Retired/Drained state machine.
 //! - [`admin`]: the status page, `/status`, `/reload`, runtime drain and `/metrics`, behind an
@@ -39,3 +41,4 @@ pub mod reload;
 pub mod server;
 pub mod simulate;
 pub mod state;
+pub mod tls;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::backend::{BackendState, BackendStatus, DrainOutcome};
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Config, ConfigErrors, UpstreamTls};
 use crate::drain;
 use crate::server::Server;
 use crate::state::Snapshot;
@@ -90,6 +90,10 @@ pub struct ReloadReport {
     pub listeners_added: Vec<SocketAddr>,
     /// Listener addresses removed.
     pub listeners_removed: Vec<SocketAddr>,
+    /// Listeners that stay but serve differently: TLS turned on or off, certificates whose files
+    /// changed (re-read at every reload), server names, or `redirect_https`. New connections get
+    /// the change; open ones keep what they started with.
+    pub listeners_changed: Vec<SocketAddr>,
     /// Whether `[[routes]]` changed.
     pub routes_changed: bool,
     /// Whether anything else changed (timeouts, cookie settings, admin, drain settings...).
@@ -146,11 +150,12 @@ impl ReloadReport {
                         to: n.strategy.as_str(),
                     });
                 }
-                // A backend that stays but changes its limit (additions and removals are reported
-                // on their own).
+                // A backend that stays but changes its limit or how it is reached (additions and
+                // removals are reported on their own).
                 report.other_changes |= n.backends.iter().any(|b| {
                     o.backends.iter().any(|old| {
-                        old.address == b.address && old.max_connections != b.max_connections
+                        old.address == b.address
+                            && (old.max_connections != b.max_connections || old.tls != b.tls)
                     })
                 });
                 let mut o = o.clone();
@@ -168,6 +173,21 @@ impl ReloadReport {
         let new_listen: BTreeSet<SocketAddr> = new.listeners.iter().map(|l| l.listen).collect();
         report.listeners_added = new_listen.difference(&old_listen).copied().collect();
         report.listeners_removed = old_listen.difference(&new_listen).copied().collect();
+        // The n-th listener on an address is the same listener in both (as the server keys them).
+        for (i, listener) in new.listeners.iter().enumerate() {
+            let nth = new.listeners[..i]
+                .iter()
+                .filter(|l| l.listen == listener.listen)
+                .count();
+            let before = old
+                .listeners
+                .iter()
+                .filter(|l| l.listen == listener.listen)
+                .nth(nth);
+            if before.is_some_and(|before| before != listener) {
+                report.listeners_changed.push(listener.listen);
+            }
+        }
         report.routes_changed = old.routes != new.routes;
         report.other_changes |= old.timeouts != new.timeouts || old.admin != new.admin;
         report
@@ -177,6 +197,23 @@ impl ReloadReport {
     pub fn is_empty(&self) -> bool {
         *self == ReloadReport::default()
     }
+}
+
+/// Addresses whose TLS settings differ between `old` and `new` (both naming them).
+fn tls_changed(old: &Config, new: &Config) -> Vec<SocketAddr> {
+    let settings = |config: &Config| -> BTreeMap<SocketAddr, Option<UpstreamTls>> {
+        config
+            .pools
+            .values()
+            .flat_map(|p| p.backends.iter().map(|b| (b.address, b.tls.clone())))
+            .collect()
+    };
+    let before = settings(old);
+    settings(new)
+        .into_iter()
+        .filter(|(address, tls)| before.get(address).is_some_and(|old| old != tls))
+        .map(|(address, _)| address)
+        .collect()
 }
 
 fn all_backends(config: &Config) -> BTreeSet<SocketAddr> {
@@ -251,6 +288,12 @@ impl fmt::Display for ReloadReport {
                 addrs(&self.listeners_removed)
             ));
         }
+        if !self.listeners_changed.is_empty() {
+            parts.push(format!(
+                "listeners changed (TLS, certificates or redirect): {}",
+                addrs(&self.listeners_changed)
+            ));
+        }
         if self.routes_changed {
             parts.push("routes changed".to_owned());
         }
@@ -265,7 +308,26 @@ impl Server {
     /// Reads the config file the server runs with (or was last reloaded from) and applies it.
     pub async fn reload_from_file(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
         let path = self.shared().snapshot.load().config.path.clone();
-        match Config::load(&path) {
+        // Off the runtime's threads: loading reads certificate files and may resolve the host
+        // names of https backends.
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            // The runtime is shutting down: there is nothing left to reload.
+            Err(_) => {
+                return Err(ReloadError::Config(ConfigErrors(vec![
+                    crate::config::ConfigError {
+                        file: self.shared().snapshot.load().config.path.clone(),
+                        line: None,
+                        column: None,
+                        key: String::new(),
+                        message: "reload cancelled: the server is shutting down".to_owned(),
+                    },
+                ])))
+            }
+        };
+        match loaded {
             Ok(config) => self.reload(config).await,
             Err(errors) => {
                 self.metrics().reload_failed();
@@ -317,6 +379,12 @@ impl Server {
         for address in all_backends(&config) {
             if let Some(state) = registry.get(address) {
                 drain::return_to_config(&state);
+            }
+        }
+        // Connections made under the old TLS settings (or without TLS) are not reused.
+        for address in tls_changed(&old.config, &config) {
+            if let Some(state) = registry.get(address) {
+                state.pool.clear();
             }
         }
 

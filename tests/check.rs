@@ -145,3 +145,22 @@ fn reports_every_error_at_once() {
     }
     assert_eq!(stderr.lines().count(), 3, "{stderr}");
 }
+
+#[test]
+fn refuses_a_certificate_it_cannot_read_naming_file_line_and_key() {
+    let text = VALID.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        "listen = \"127.0.0.1:8443\"\ntls = { cert = \"missing.crt\", key = \"missing.key\" }\n",
+    );
+    let (stderr, path) = rejected(&text);
+    let expected = format!(
+        "{}:{}: listeners[0].tls.cert: cannot read {}: ",
+        path.display(),
+        position(&text, "\"missing.crt\""),
+        path.with_file_name("missing.crt").display()
+    );
+    assert!(
+        stderr.starts_with(&expected),
+        "{stderr}\nexpected: {expected}"
+    );
+}

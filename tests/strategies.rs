@@ -151,6 +151,7 @@ fn ip_hash_removing_one_of_ten_backends_moves_few_clients() {
                     address,
                     weight: 1,
                     max_connections: None,
+                    tls: None,
                 },
                 state: BackendState::new(address),
             }

@@ -249,6 +249,7 @@ fn backend_json(member: &Member, slow_start: Option<Duration>) -> serde_json::Va
     let drain = state.drain();
     json!({
         "address": state.address(),
+        "tls": member.spec.tls.as_ref().map(|tls| tls.host.as_str()),
         "weight": member.spec.weight,
         "max_connections": member.spec.max_connections,
         "state": state.status(),

@@ -1,5 +1,6 @@
-//! Keep-alive HTTP/1.1 connections to one backend. Owned by the backend's live state, so a reload
-//! keeps them and a drain can close them.
+//! Connections to one backend: keep-alive HTTP/1.1 connections, and for an `https://` backend that
+//! negotiates `h2` by ALPN, one shared HTTP/2 connection that multiplexes every request. Owned by
+//! the backend's live state, so a reload keeps them and a drain can close them.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -10,15 +11,20 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::{self, HeaderValue};
+use http::uri::Authority;
+use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http2, TrySendError};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
-use crate::config::Timeouts;
+use crate::config::{Timeouts, UpstreamTls};
 use crate::error::ProxyError;
 
 /// Idle connections kept per backend at most; more are closed when they return.
@@ -133,14 +139,24 @@ impl Body for UpstreamBody {
 
 /// A connection whose response body has not been read to its end yet.
 pub struct PooledConn {
-    sender: SendRequest<UpstreamBody>,
+    sender: Sender,
     upload: Option<Arc<Upload>>,
     max_idle: Duration,
 }
 
+/// One HTTP/1.1 connection, or a stream of the shared HTTP/2 one (which its own task keeps open
+/// while the stream is).
+enum Sender {
+    Http1(SendRequest<UpstreamBody>),
+    Http2,
+}
+
 impl std::fmt::Debug for PooledConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PooledConn")
+        f.write_str(match self.sender {
+            Sender::Http1(_) => "PooledConn(HTTP/1.1)",
+            Sender::Http2 => "PooledConn(HTTP/2)",
+        })
     }
 }
 
@@ -171,10 +187,13 @@ pub enum SendError {
 }
 
 /// A backend's idle keep-alive connections (LIFO, so the warmest is reused first; the oldest are
-/// expired from the other end).
+/// expired from the other end), and its shared HTTP/2 connection, if it speaks h2.
 pub struct ConnPool {
     address: SocketAddr,
     idle: Mutex<VecDeque<Idle>>,
+    /// Set once a TLS backend negotiated `h2`; every request but upgrades then shares it. Cleared
+    /// when it closes, and by a drain.
+    shared_h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
 }
 
 impl std::fmt::Debug for ConnPool {
@@ -185,25 +204,46 @@ impl std::fmt::Debug for ConnPool {
     }
 }
 
+/// A new connection, in the protocol the backend chose.
+enum Connected {
+    Http1(SendRequest<UpstreamBody>),
+    Http2(http2::SendRequest<UpstreamBody>),
+}
+
 impl ConnPool {
     /// An empty pool for `address`.
     pub fn new(address: SocketAddr) -> Self {
         ConnPool {
             address,
             idle: Mutex::new(VecDeque::new()),
+            shared_h2: Mutex::new(None),
         }
     }
 
-    /// Closes every idle connection (a draining backend gets no new work to reuse them for).
+    /// Closes every idle connection, and lets go of the shared HTTP/2 one (it closes when its
+    /// last request ends): a draining backend gets no new work to reuse them for, and a backend
+    /// whose TLS settings changed must not be reached over the old ones.
     pub fn clear(&self) {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.lock_h2().take();
+    }
+
+    fn lock_h2(&self) -> std::sync::MutexGuard<'_, Option<http2::SendRequest<UpstreamBody>>> {
+        self.shared_h2.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Returns a connection whose response was read to its end, so it can carry another request.
     /// One whose request body did not end (the backend answered early) is closed instead: the
-    /// rest of that body would reach the next request.
+    /// rest of that body would reach the next request. The HTTP/2 connection stays shared
+    /// whatever its streams do.
     pub fn checkin(&self, conn: PooledConn) {
-        if conn.sender.is_closed() || !conn.request_done() {
+        if !conn.request_done() {
+            return;
+        }
+        let Sender::Http1(sender) = conn.sender else {
+            return;
+        };
+        if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -216,7 +256,7 @@ impl ConnPool {
         }
         if idle.len() < MAX_IDLE {
             idle.push_back(Idle {
-                sender: conn.sender,
+                sender,
                 since: Instant::now(),
             });
         }
@@ -235,7 +275,22 @@ impl ConnPool {
         None
     }
 
-    /// Sends `request` on an idle connection, or a new one, and waits for the response headers.
+    /// The shared HTTP/2 connection, if there is one still open.
+    fn checkout_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        let mut shared = self.lock_h2();
+        match shared.as_ref() {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                *shared = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Sends `request` on the shared HTTP/2 connection, an idle HTTP/1.1 one, or a new one, and
+    /// waits for the response headers. `tls` is the backend's, for an `https://` address; an
+    /// `upgrade` (WebSocket) always goes over HTTP/1.1, which is the only one that can carry it.
     ///
     /// A pooled connection that turns out to be closed before the request was written is skipped,
     /// so the keep-alive race costs a reconnect rather than a failed request.
@@ -243,8 +298,30 @@ impl ConnPool {
         &self,
         mut request: Request<UpstreamBody>,
         timeouts: &Timeouts,
+        tls: Option<&UpstreamTls>,
+        upgrade: bool,
     ) -> Result<(Response<Incoming>, PooledConn), SendError> {
         let upload = request.body().upload();
+        // Only TLS backends can have negotiated h2, so plain ones never take this lock.
+        if let (Some(tls), false) = (tls, upgrade) {
+            if let Some(mut sender) = self.checkout_h2() {
+                into_http2(&mut request, tls);
+                let sending = sender.try_send_request(request);
+                match self.exchange(sending, timeouts, &upload).await {
+                    Ok(response) => {
+                        return Ok((
+                            from_http2(response),
+                            self.pooled(Sender::Http2, upload, timeouts),
+                        ))
+                    }
+                    Err(SendError::NotSent { request: mut r, .. }) => {
+                        into_http1(&mut r);
+                        request = *r;
+                    }
+                    Err(failed) => return Err(failed),
+                }
+            }
+        }
         while let Some(mut sender) = self.checkout(timeouts.idle) {
             // A pooled connection is ready at once or broken; never wait on one for long (and
             // build no timer in the common case where it is ready).
@@ -254,14 +331,20 @@ impl ConnPool {
                     _ => continue,
                 }
             }
-            match self.exchange(&mut sender, request, timeouts, &upload).await {
-                Ok(response) => return Ok((response, self.pooled(sender, upload, timeouts))),
+            let sending = sender.try_send_request(request);
+            match self.exchange(sending, timeouts, &upload).await {
+                Ok(response) => {
+                    return Ok((
+                        response,
+                        self.pooled(Sender::Http1(sender), upload, timeouts),
+                    ))
+                }
                 Err(SendError::NotSent { request: r, .. }) => request = *r,
                 Err(failed) => return Err(failed),
             }
         }
-        let mut sender = match self.connect(timeouts.connect).await {
-            Ok(sender) => sender,
+        let connected = match self.connect(timeouts.connect, tls, upgrade).await {
+            Ok(connected) => connected,
             Err(error) => {
                 return Err(SendError::NotSent {
                     request: Box::new(request),
@@ -269,15 +352,40 @@ impl ConnPool {
                 })
             }
         };
-        let response = self
-            .exchange(&mut sender, request, timeouts, &upload)
-            .await?;
-        Ok((response, self.pooled(sender, upload, timeouts)))
+        match connected {
+            Connected::Http1(mut sender) => {
+                let sending = sender.try_send_request(request);
+                let response = self.exchange(sending, timeouts, &upload).await?;
+                Ok((
+                    response,
+                    self.pooled(Sender::Http1(sender), upload, timeouts),
+                ))
+            }
+            Connected::Http2(mut sender) => {
+                // Only TLS backends negotiate h2.
+                if let Some(tls) = tls {
+                    into_http2(&mut request, tls);
+                }
+                *self.lock_h2() = Some(sender.clone());
+                let sending = sender.try_send_request(request);
+                match self.exchange(sending, timeouts, &upload).await {
+                    Ok(response) => Ok((
+                        from_http2(response),
+                        self.pooled(Sender::Http2, upload, timeouts),
+                    )),
+                    Err(SendError::NotSent { mut request, error }) => {
+                        into_http1(&mut request);
+                        Err(SendError::NotSent { request, error })
+                    }
+                    Err(failed) => Err(failed),
+                }
+            }
+        }
     }
 
     fn pooled(
         &self,
-        sender: SendRequest<UpstreamBody>,
+        sender: Sender,
         upload: Option<Arc<Upload>>,
         timeouts: &Timeouts,
     ) -> PooledConn {
@@ -288,17 +396,17 @@ impl ConnPool {
         }
     }
 
-    /// Sends the request and waits for the response headers. `response_header` runs from the
+    /// Waits for the response headers of a request being sent. `response_header` runs from the
     /// request body's last progress, so a slow but steady upload is not cut, a stalled one is.
     async fn exchange(
         &self,
-        sender: &mut SendRequest<UpstreamBody>,
-        request: Request<UpstreamBody>,
+        sending: impl std::future::Future<
+            Output = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>,
+        >,
         timeouts: &Timeouts,
         upload: &Option<Arc<Upload>>,
     ) -> Result<Response<Incoming>, SendError> {
         let backend = self.address;
-        let sending = sender.try_send_request(request);
         tokio::pin!(sending);
         let mut deadline = tokio::time::Instant::now() + timeouts.response_header;
         let result = loop {
@@ -334,25 +442,109 @@ impl ConnPool {
         }
     }
 
-    async fn connect(&self, limit: Duration) -> Result<SendRequest<UpstreamBody>, ProxyError> {
+    /// Connects, over TLS for an `https://` backend, in HTTP/2 when it chose `h2` by ALPN.
+    async fn connect(
+        &self,
+        limit: Duration,
+        tls: Option<&UpstreamTls>,
+        upgrade: bool,
+    ) -> Result<Connected, ProxyError> {
         let backend = self.address;
         let connecting = async {
             let stream = TcpStream::connect(backend).await?;
             stream.set_nodelay(true)?;
-            let (sender, conn) = http1::Builder::new()
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(std::io::Error::other)?;
-            tokio::spawn(async move {
-                // Errors here surface on the request that used the connection.
-                let _ = conn.with_upgrades().await;
-            });
-            Ok::<_, std::io::Error>(sender)
+            let Some(tls) = tls else {
+                return handshake_http1(stream).await.map(Connected::Http1);
+            };
+            let config = if upgrade {
+                &tls.client_http1
+            } else {
+                &tls.client
+            };
+            let stream = TlsConnector::from(Arc::clone(config))
+                .connect(tls.server_name.clone(), stream)
+                .await?;
+            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                handshake_http2(stream).await.map(Connected::Http2)
+            } else {
+                handshake_http1(stream).await.map(Connected::Http1)
+            }
         };
         match tokio::time::timeout(limit, connecting).await {
             Err(_) => Err(ProxyError::ConnectTimeout { backend }),
             Ok(Err(source)) => Err(ProxyError::Connect { backend, source }),
-            Ok(Ok(sender)) => Ok(sender),
+            Ok(Ok(connected)) => Ok(connected),
         }
     }
+}
+
+async fn handshake_http1<I>(io: I) -> std::io::Result<SendRequest<UpstreamBody>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        // Errors here surface on the request that used the connection.
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+async fn handshake_http2<I>(io: I) -> std::io::Result<http2::SendRequest<UpstreamBody>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        // Errors here surface on the requests in flight on the connection.
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Rewrites a request made for HTTP/1.1 (origin-form target, `Host` header) for HTTP/2, whose
+/// `:authority` takes the place of `Host` and which needs `:scheme` (RFC 9113 §8.3.1). A request
+/// without a usable `Host` is addressed to the backend's own `HOST:port`.
+fn into_http2(request: &mut Request<UpstreamBody>, tls: &UpstreamTls) {
+    let authority = request
+        .headers_mut()
+        .remove(header::HOST)
+        .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+        .unwrap_or_else(|| tls.authority.clone());
+    let mut parts = std::mem::take(request.uri_mut()).into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTPS);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    // Scheme, authority and path are all set, which is all `from_parts` asks.
+    *request.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+    *request.version_mut() = Version::HTTP_2;
+}
+
+/// Undoes [`into_http2`] for a request that was not sent, so it can go over HTTP/1.1 (to this
+/// backend or, as a retry, to another).
+fn into_http1(request: &mut Request<UpstreamBody>) {
+    if let Some(authority) = request.uri().authority() {
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            request.headers_mut().insert(header::HOST, host);
+        }
+    }
+    let path = request.uri().path_and_query().cloned();
+    *request.uri_mut() = path.map_or_else(Uri::default, Uri::from);
+    *request.version_mut() = Version::HTTP_11;
+}
+
+/// A response that came over HTTP/2, labelled HTTP/1.1 like every other upstream response (the
+/// client's own connection decides the version it is sent in).
+fn from_http2(mut response: Response<Incoming>) -> Response<Incoming> {
+    *response.version_mut() = Version::HTTP_11;
+    response
 }

@@ -278,6 +278,7 @@ pub(crate) mod testing {
                         address,
                         weight: w,
                         max_connections: None,
+                        tls: None,
                     },
                     state: BackendState::new(address),
                 }

@@ -9,9 +9,13 @@ pub mod validate;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use rustls_pki_types::ServerName;
+
+use crate::tls::LoadedKey;
 
 pub use validate::{ConfigError, ConfigErrors};
 
@@ -78,6 +82,53 @@ impl LogFormat {
 pub struct ListenerConfig {
     /// `listeners[i].listen`.
     pub listen: SocketAddr,
+    /// `tls` or `certificates`: the listener terminates TLS with these.
+    pub tls: Option<ListenerTls>,
+    /// `redirect_https` (default false): every request gets a `308` to its https URL. Never set
+    /// on a TLS listener.
+    pub redirect_https: bool,
+}
+
+/// A TLS listener's certificates, read from their files when the config was loaded, and the
+/// rustls config that serves them.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// `tls` (one certificate, no names) or `certificates`, in file order; the first is the
+    /// default when the client's SNI matches no `server_names`.
+    pub certificates: Vec<CertificateConfig>,
+    /// Built from `certificates`: SNI selection, ALPN `h2` and `http/1.1`, TLS 1.2 and 1.3.
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+impl PartialEq for ListenerTls {
+    /// Equal when the same files hold the same bytes for the same names (`server_config` is
+    /// built from them).
+    fn eq(&self, other: &Self) -> bool {
+        self.certificates == other.certificates
+    }
+}
+
+/// One certificate of a TLS listener.
+#[derive(Debug, Clone)]
+pub struct CertificateConfig {
+    /// `cert`: the PEM chain, leaf first; relative paths are resolved from the config's directory.
+    pub cert: PathBuf,
+    /// `key`: the PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// `server_names`, lower-cased: SNI names this certificate is chosen for (`*.example.com`
+    /// matches one label). Empty for `tls = { cert, key }`.
+    pub server_names: Vec<String>,
+    /// What the files held when the config was loaded.
+    pub loaded: LoadedKey,
+}
+
+impl PartialEq for CertificateConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert == other.cert
+            && self.key == other.key
+            && self.server_names == other.server_names
+            && self.loaded.fingerprint == other.loaded.fingerprint
+    }
 }
 
 /// One `[[routes]]` entry. Both matchers are optional; a route with neither matches everything.
@@ -166,6 +217,9 @@ pub struct PoolConfig {
     /// `balance_factor` (`ip_hash` and `cookie` only; default none): consistent hashing with
     /// bounded loads — no backend takes new clients above this factor times the pool's average load.
     pub balance_factor: Option<f64>,
+    /// `ca`: the PEM file of the CA certificates its `https://` backends are verified against,
+    /// instead of Mozilla's roots.
+    pub ca: Option<PathBuf>,
 }
 
 /// `[pools.NAME.health]`: an HTTP GET to each backend, in the background.
@@ -228,13 +282,56 @@ impl Default for PassiveConfig {
 /// What the config says about one backend of a pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSpec {
-    /// `address`: `IP:port`.
+    /// `address`: `IP:port`, or for `https://HOST:port` the address HOST resolved to when the
+    /// config was loaded. Its identity: live state, hashing, cookies and metrics go by it.
     pub address: SocketAddr,
     /// `weight` (default 1, at least 1).
     pub weight: u32,
     /// `max_connections` (or the pool's `max_connections`): in-flight requests plus upgraded
     /// connections above which the backend takes no more work. `None`: no limit.
     pub max_connections: Option<u32>,
+    /// For an `https://` address: how to speak TLS to it.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS to an `https://HOST:port` backend: SNI and certificate verification for HOST, against
+/// the pool's `ca` or Mozilla's roots.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// HOST as written (lower-cased; an IPv6 address without brackets).
+    pub host: String,
+    /// What the certificate must name, and the SNI sent (rustls sends none for an IP address).
+    pub server_name: ServerName<'static>,
+    /// `HOST:port`: the `:authority` of HTTP/2 requests that arrived without a host.
+    pub authority: http::uri::Authority,
+    /// The pool's `ca`, if any.
+    pub ca: Option<PathBuf>,
+    /// SHA-256 of the `ca` file, so a rotated CA counts as a change.
+    pub ca_fingerprint: Option<[u8; 32]>,
+    /// Offers ALPN `h2` and `http/1.1`: for requests.
+    pub client: Arc<rustls::ClientConfig>,
+    /// Offers only `http/1.1`: for upgrades (HTTP/2 cannot carry them) and health checks.
+    pub client_http1: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.host == other.host
+            && self.authority == other.authority
+            && self.ca == other.ca
+            && self.ca_fingerprint == other.ca_fingerprint
+    }
+}
+
+impl Eq for UpstreamTls {}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("host", &self.host)
+            .field("ca", &self.ca)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[pools.NAME.cookie]`.
@@ -268,6 +365,9 @@ pub struct Timeouts {
     pub idle: Duration,
     /// `shutdown` (default 30s): how long SIGINT/SIGTERM waits for in-flight requests.
     pub shutdown: Duration,
+    /// `upgraded_idle` (default none): an upgraded connection (WebSocket) that moved no byte
+    /// either way for this long is closed.
+    pub upgraded_idle: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -278,6 +378,7 @@ impl Default for Timeouts {
             client_header: Duration::from_secs(10),
             idle: Duration::from_secs(60),
             shutdown: Duration::from_secs(30),
+            upgraded_idle: None,
         }
     }
 }

@@ -58,6 +58,34 @@ pub struct RawAdmin {
 pub struct RawListener {
     /// `listen`: `IP:port`.
     pub listen: Option<Spanned<String>>,
+    /// `tls = { cert, key }`: one certificate for every connection.
+    pub tls: Option<RawTls>,
+    /// `certificates = [{ cert, key, server_names }]`: several, chosen by SNI.
+    pub certificates: Option<Spanned<Vec<Spanned<RawCertificate>>>>,
+    /// `redirect_https`: answer every request with a redirect to https.
+    pub redirect_https: Option<Spanned<bool>>,
+}
+
+/// A listener's `tls` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// `cert`: path of the PEM certificate chain.
+    pub cert: Option<Spanned<String>>,
+    /// `key`: path of the PEM private key.
+    pub key: Option<Spanned<String>>,
+}
+
+/// One entry of a listener's `certificates`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    /// `cert`: path of the PEM certificate chain.
+    pub cert: Option<Spanned<String>>,
+    /// `key`: path of the PEM private key.
+    pub key: Option<Spanned<String>>,
+    /// `server_names`: the SNI names it serves.
+    pub server_names: Option<Vec<Spanned<String>>>,
 }
 
 /// One `[[routes]]` entry.
@@ -100,6 +128,8 @@ pub struct RawPool {
     pub health: Option<RawHealth>,
     /// `[pools.NAME.passive]`.
     pub passive: Option<RawPassive>,
+    /// `ca`: path of the PEM CA certificates for `https://` backends.
+    pub ca: Option<Spanned<String>>,
 }
 
 /// `[pools.NAME.health]`.
@@ -142,7 +172,7 @@ pub struct RawPassive {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
-    /// `address`: `IP:port`.
+    /// `address`: `IP:port`, or `https://HOST:port`.
     pub address: Option<Spanned<String>>,
     /// `weight`: signed, so that a negative weight is reported by validation with the others.
     pub weight: Option<Spanned<i64>>,
@@ -225,4 +255,6 @@ pub struct RawTimeouts {
     pub idle: Option<Spanned<String>>,
     /// `shutdown`.
     pub shutdown: Option<Spanned<String>>,
+    /// `upgraded_idle`.
+    pub upgraded_idle: Option<Spanned<String>>,
 }

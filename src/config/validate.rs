@@ -11,6 +11,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -18,14 +19,18 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
+use rustls_pki_types::{CertificateDer, ServerName};
+
 use super::raw::{
-    RawAdmin, RawBackend, RawConfig, RawCookie, RawHealth, RawListener, RawPassive, RawPool,
-    RawRoute, RawSecret, RawTimeouts,
+    RawAdmin, RawBackend, RawCertificate, RawConfig, RawCookie, RawHealth, RawListener, RawPassive,
+    RawPool, RawRoute, RawSecret, RawTimeouts,
 };
 use super::{
-    AdminConfig, BackendSpec, Config, CookieConfig, DrainSticky, HealthConfig, ListenerConfig,
-    LogFormat, PassiveConfig, PoolConfig, RouteConfig, StrategyKind, Timeouts,
+    AdminConfig, BackendSpec, CertificateConfig, Config, CookieConfig, DrainSticky, HealthConfig,
+    ListenerConfig, ListenerTls, LogFormat, PassiveConfig, PoolConfig, RouteConfig, StrategyKind,
+    Timeouts, UpstreamTls,
 };
+use crate::tls::{self, LoadedKey, SniCertificate};
 
 /// Signing keys shorter than this are guessable; HMAC-SHA256 wants at least this much entropy.
 /// The admin token shares the floor: it guards the same proxy.
@@ -138,6 +143,38 @@ fn parse_with_env(
     }
 }
 
+/// A pool's `ca`, read.
+struct LoadedCa {
+    path: PathBuf,
+    certificates: Vec<CertificateDer<'static>>,
+    fingerprint: [u8; 32],
+}
+
+/// The client configs of a pool's https backends (see [`tls::client_configs`]).
+type ClientConfigs = (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>);
+
+/// The host of an `https://` backend address.
+struct HttpsTarget {
+    host: String,
+    server_name: ServerName<'static>,
+    authority: http::uri::Authority,
+}
+
+impl HttpsTarget {
+    fn new(host: String, server_name: ServerName<'static>, port: u16) -> Option<Self> {
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Some(HttpsTarget {
+            authority: authority.parse().ok()?,
+            host,
+            server_name,
+        })
+    }
+}
+
 /// Collects errors while building a [`Config`] whose values are only meaningful if none were found.
 struct Checker<'a> {
     text: &'a str,
@@ -168,6 +205,7 @@ impl Checker<'_> {
             .map(|(name, pool)| (name.get_ref().clone(), self.pool(name, pool)))
             .collect();
         self.one_health_check_per_address(raw, &pools);
+        self.one_tls_setting_per_address(raw, &pools);
         let timeouts = self.timeouts(raw.timeouts.as_ref());
         let log_format = self.log_format(raw.log_format.as_ref());
         Config {
@@ -301,9 +339,218 @@ impl Checker<'_> {
                     taken.insert(address, key);
                 }
             }
-            listeners.push(ListenerConfig { listen: address });
+            let tls = self.listener_tls(i, listener);
+            let terminates_tls =
+                listener.get_ref().tls.is_some() || listener.get_ref().certificates.is_some();
+            let redirect_https = match &listener.get_ref().redirect_https {
+                Some(redirect) if *redirect.get_ref() && terminates_tls => {
+                    let message = "redirect_https is for plain listeners; this one terminates TLS \
+                                   itself"
+                        .to_owned();
+                    let key = format!("listeners[{i}].redirect_https");
+                    self.report(&key, Some(redirect.span()), message);
+                    false
+                }
+                Some(redirect) => *redirect.get_ref(),
+                None => false,
+            };
+            listeners.push(ListenerConfig {
+                listen: address,
+                tls,
+                redirect_https,
+            });
         }
         listeners
+    }
+
+    /// A listener's `tls` or `certificates`, with every file read and checked now, so that a bad
+    /// certificate fails `check` and a reload (which then keeps the old one serving).
+    fn listener_tls(&mut self, i: usize, raw: &Spanned<RawListener>) -> Option<ListenerTls> {
+        let key = format!("listeners[{i}]");
+        let anchor = raw.span();
+        let raw = raw.get_ref();
+        let certificates = match (&raw.tls, &raw.certificates) {
+            (None, None) => return None,
+            (Some(_), Some(list)) => {
+                let message = "`tls` and `certificates` are both set; use `tls` for one \
+                               certificate, `certificates` for several chosen by SNI"
+                    .to_owned();
+                self.report(&format!("{key}.certificates"), Some(list.span()), message);
+                return None;
+            }
+            (Some(tls), None) => {
+                let key = format!("{key}.tls");
+                let (cert, key, loaded) =
+                    self.key_pair(&key, tls.cert.as_ref(), tls.key.as_ref(), anchor.clone())?;
+                vec![CertificateConfig {
+                    cert,
+                    key,
+                    server_names: Vec::new(),
+                    loaded,
+                }]
+            }
+            (None, Some(list)) => self.sni_certificates(&format!("{key}.certificates"), list)?,
+        };
+        let sni: Vec<SniCertificate<'_>> = certificates
+            .iter()
+            .map(|c| SniCertificate {
+                key: &c.loaded,
+                server_names: &c.server_names,
+            })
+            .collect();
+        match tls::server_config(&sni) {
+            Ok(server_config) => Some(ListenerTls {
+                certificates,
+                server_config,
+            }),
+            Err(error) => {
+                let which = if raw.tls.is_some() {
+                    "tls"
+                } else {
+                    "certificates"
+                };
+                let message = format!("cannot build a TLS configuration: {error}");
+                self.report(&format!("{key}.{which}"), Some(anchor), message);
+                None
+            }
+        }
+    }
+
+    /// `certificates = [{ cert, key, server_names }]`: each needs names, and no name may be
+    /// claimed twice. `None` after any error.
+    fn sni_certificates(
+        &mut self,
+        key: &str,
+        list: &Spanned<Vec<Spanned<RawCertificate>>>,
+    ) -> Option<Vec<CertificateConfig>> {
+        if list.get_ref().is_empty() {
+            let message = "`certificates` needs at least one entry".to_owned();
+            self.report(key, Some(list.span()), message);
+            return None;
+        }
+        let errors_before = self.errors.len();
+        let mut claimed: HashMap<String, usize> = HashMap::new();
+        let mut certificates = Vec::new();
+        for (j, entry) in list.get_ref().iter().enumerate() {
+            let key = format!("{key}[{j}]");
+            let raw = entry.get_ref();
+            let mut server_names = Vec::new();
+            match &raw.server_names {
+                None => {
+                    let message = "`server_names` is required: the SNI names this certificate \
+                                   is chosen for (the first certificate also serves clients \
+                                   whose name matches none)"
+                        .to_owned();
+                    self.report(&format!("{key}.server_names"), Some(entry.span()), message);
+                }
+                Some(names) if names.is_empty() => {
+                    let message = "`server_names` must name at least one host".to_owned();
+                    self.report(&format!("{key}.server_names"), Some(entry.span()), message);
+                }
+                Some(names) => {
+                    for (n, name) in names.iter().enumerate() {
+                        let name_key = format!("{key}.server_names[{n}]");
+                        let lower = name.get_ref().to_ascii_lowercase();
+                        if !tls::is_server_name(&lower) {
+                            let message = format!(
+                                "`{}` is not a server name: write a DNS name such as \
+                                 `example.com`, or `*.example.com` for one label under it",
+                                name.get_ref()
+                            );
+                            self.report(&name_key, Some(name.span()), message);
+                        } else if let Some(first) = claimed.get(&lower) {
+                            let message =
+                                format!("`{lower}` is already served by certificates[{first}]");
+                            self.report(&name_key, Some(name.span()), message);
+                        } else {
+                            claimed.insert(lower.clone(), j);
+                        }
+                        server_names.push(lower);
+                    }
+                }
+            }
+            if let Some((cert, key, loaded)) =
+                self.key_pair(&key, raw.cert.as_ref(), raw.key.as_ref(), entry.span())
+            {
+                certificates.push(CertificateConfig {
+                    cert,
+                    key,
+                    server_names,
+                    loaded,
+                });
+            }
+        }
+        (self.errors.len() == errors_before).then_some(certificates)
+    }
+
+    /// Reads a certificate chain and its key; errors name `{key}.cert` or `{key}.key`.
+    fn key_pair(
+        &mut self,
+        key: &str,
+        cert: Option<&Spanned<String>>,
+        private: Option<&Spanned<String>>,
+        anchor: Range<usize>,
+    ) -> Option<(PathBuf, PathBuf, LoadedKey)> {
+        let cert_path = self.file_path(
+            &format!("{key}.cert"),
+            cert,
+            &anchor,
+            "the PEM certificate chain",
+        );
+        let key_path = self.file_path(
+            &format!("{key}.key"),
+            private,
+            &anchor,
+            "the PEM private key",
+        );
+        let (cert_path, key_path) = (cert_path?, key_path?);
+        match tls::load_key_pair(&cert_path, &key_path) {
+            Ok(loaded) => Some((cert_path, key_path, loaded)),
+            Err(error) => {
+                let (which, span) = if error.is_about_key() {
+                    ("key", private.map(Spanned::span))
+                } else {
+                    ("cert", cert.map(Spanned::span))
+                };
+                self.report(&format!("{key}.{which}"), span, error.to_string());
+                None
+            }
+        }
+    }
+
+    /// A required file path, resolved from the config file's directory when relative.
+    fn file_path(
+        &mut self,
+        key: &str,
+        raw: Option<&Spanned<String>>,
+        anchor: &Range<usize>,
+        what: &str,
+    ) -> Option<PathBuf> {
+        let Some(raw) = raw else {
+            let name = key.rsplit('.').next().unwrap_or(key);
+            let message = format!("`{name}` is required: the path of {what}");
+            self.report(key, Some(anchor.clone()), message);
+            return None;
+        };
+        if raw.get_ref().is_empty() {
+            self.report(
+                key,
+                Some(raw.span()),
+                "the path must not be empty".to_owned(),
+            );
+            return None;
+        }
+        Some(self.resolve(raw.get_ref()))
+    }
+
+    /// `path` as written when absolute, else relative to the config file's directory (so a
+    /// config and its certificates can move together, whatever the working directory).
+    fn resolve(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
     }
 
     fn routes(
@@ -412,7 +659,15 @@ impl Checker<'_> {
         let default_max_connections = raw.max_connections.as_ref().and_then(|value| {
             self.count(&format!("{key}.max_connections"), value, 1, MAX_CONNECTIONS)
         });
-        let backends = self.backends(&key, name, raw.backends.as_ref(), default_max_connections);
+        let ca_key = format!("{key}.ca");
+        let ca = raw.ca.as_ref().map(|ca| self.ca(&ca_key, ca));
+        let backends = self.backends(
+            &key,
+            name,
+            raw.backends.as_ref(),
+            default_max_connections,
+            ca.as_ref(),
+        );
 
         let mut trusted_proxies = Vec::new();
         for (i, proxy) in raw.trusted_proxies.iter().flatten().enumerate() {
@@ -532,6 +787,70 @@ impl Checker<'_> {
             health,
             passive,
             balance_factor,
+            ca: raw.ca.as_ref().map(|ca| self.resolve(ca.get_ref())),
+        }
+    }
+
+    /// A pool's `ca` file, read and checked; `Err` after reporting why it cannot be used.
+    fn ca(&mut self, key: &str, raw: &Spanned<String>) -> Result<LoadedCa, ()> {
+        let path = self
+            .file_path(key, Some(raw), &raw.span(), "the PEM CA certificates")
+            .ok_or(())?;
+        match tls::load_ca(&path) {
+            Ok((certificates, fingerprint)) => Ok(LoadedCa {
+                path,
+                certificates,
+                fingerprint,
+            }),
+            Err(error) => {
+                self.report(key, Some(raw.span()), error.to_string());
+                Err(())
+            }
+        }
+    }
+
+    /// A backend has one connection pool, so every pool naming its address must speak to it the
+    /// same way: plain or TLS, with the same host and `ca`.
+    fn one_tls_setting_per_address(
+        &mut self,
+        raw: &RawConfig,
+        pools: &BTreeMap<String, PoolConfig>,
+    ) {
+        let mut first: HashMap<SocketAddr, (&str, Option<&UpstreamTls>)> = HashMap::new();
+        for (name, pool) in pools {
+            for (i, backend) in pool.backends.iter().enumerate() {
+                let tls = backend.tls.as_ref();
+                match first.get(&backend.address) {
+                    None => {
+                        first.insert(backend.address, (name, tls));
+                    }
+                    Some((other, theirs)) if *theirs != tls => {
+                        let message = format!(
+                            "backend {} is also in pool `{other}`, which reaches it differently \
+                             (plain or https, host, or ca); a backend has one connection pool, so \
+                             they must be the same",
+                            backend.address
+                        );
+                        let span = raw
+                            .pools
+                            .iter()
+                            .find(|(k, _)| k.get_ref() == name)
+                            .and_then(|(k, pool)| {
+                                let raw_backend = pool.backends.as_ref()?.get_ref().get(i)?;
+                                Some(
+                                    raw_backend
+                                        .get_ref()
+                                        .address
+                                        .as_ref()
+                                        .map_or(k.span(), Spanned::span),
+                                )
+                            });
+                        let key = format!("pools.{}.backends[{i}].address", key_segment(name));
+                        self.report(&key, span, message);
+                    }
+                    Some(_) => {}
+                }
+            }
         }
     }
 
@@ -705,8 +1024,11 @@ impl Checker<'_> {
         name: &Spanned<String>,
         raw: Option<&Spanned<Vec<Spanned<RawBackend>>>>,
         default_max_connections: Option<u32>,
+        ca: Option<&Result<LoadedCa, ()>>,
     ) -> Vec<BackendSpec> {
         let key = format!("{pool_key}.backends");
+        // Built for the first https backend, shared by the others.
+        let mut clients: Option<ClientConfigs> = None;
         let needed = "a pool needs at least one backend".to_owned();
         let Some(raw) = raw else {
             self.report(&key, Some(name.span()), needed);
@@ -737,12 +1059,39 @@ impl Checker<'_> {
             };
             let address_key = format!("{key}[{i}].address");
             let Some(address) = &backend.get_ref().address else {
-                let message = "`address` is required, as IP:port".to_owned();
+                let message = "`address` is required, as IP:port or https://HOST:port".to_owned();
                 self.report(&address_key, Some(backend.span()), message);
                 continue;
             };
-            let Some(parsed) = self.socket_addr(&address_key, address) else {
+            let Some((parsed, https)) = self.backend_address(&address_key, address) else {
                 continue;
+            };
+            let tls = match (https, ca) {
+                (None, _) => None,
+                // The CA is unusable and was reported; there is nothing to verify against.
+                (Some(_), Some(Err(()))) => None,
+                (Some(target), ca) => {
+                    let ca = ca.and_then(|ca| ca.as_ref().ok());
+                    if clients.is_none() {
+                        match tls::client_configs(ca.map(|ca| ca.certificates.as_slice())) {
+                            Ok(built) => clients = Some(built),
+                            Err(error) => {
+                                let message =
+                                    format!("cannot build a TLS client configuration: {error}");
+                                self.report(&address_key, Some(address.span()), message);
+                            }
+                        }
+                    }
+                    clients.as_ref().map(|(client, client_http1)| UpstreamTls {
+                        host: target.host,
+                        server_name: target.server_name,
+                        authority: target.authority,
+                        ca: ca.map(|ca| ca.path.clone()),
+                        ca_fingerprint: ca.map(|ca| ca.fingerprint),
+                        client: Arc::clone(client),
+                        client_http1: Arc::clone(client_http1),
+                    })
+                }
             };
             if let Some(first) = seen.get(&parsed) {
                 let message = format!("address {parsed} is already backends[{first}] of this pool");
@@ -763,6 +1112,7 @@ impl Checker<'_> {
                 address: parsed,
                 weight,
                 max_connections,
+                tls,
             });
         }
         backends
@@ -945,7 +1295,90 @@ impl Checker<'_> {
                 }
             }
         }
+        timeouts.upgraded_idle = raw
+            .upgraded_idle
+            .as_ref()
+            .and_then(|value| self.duration("timeouts.upgraded_idle", value));
         timeouts
+    }
+
+    /// A backend's `address`: `IP:port` (or `http://IP:port`), or `https://HOST[:port]` (port
+    /// 443 by default) where HOST is an IP address or a DNS name. A name is resolved here, once
+    /// per load, and the backend is known by the first address it resolves to; HOST itself is
+    /// kept for SNI and certificate verification.
+    fn backend_address(
+        &mut self,
+        key: &str,
+        raw: &Spanned<String>,
+    ) -> Option<(SocketAddr, Option<HttpsTarget>)> {
+        let text = raw.get_ref();
+        let Some(rest) = text.strip_prefix("https://") else {
+            let plain = text.strip_prefix("http://").unwrap_or(text);
+            let plain = Spanned::new(raw.span(), plain.to_owned());
+            return self.socket_addr(key, &plain).map(|address| (address, None));
+        };
+        let bad = |detail: &str| format!("`{text}` is not an https://HOST:port address: {detail}");
+        let (host, port) = match rest.rsplit_once(':') {
+            // Not `[v6]` alone, whose colons are the address's own.
+            Some((host, port)) if !rest.ends_with(']') => match port.parse::<u16>() {
+                Ok(port) => (host, port),
+                Err(_) => {
+                    self.report(
+                        key,
+                        Some(raw.span()),
+                        bad("the port must be a number up to 65535"),
+                    );
+                    return None;
+                }
+            },
+            _ => (rest, 443),
+        };
+        let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        if bracketed.is_none() && host.contains(':') {
+            self.report(
+                key,
+                Some(raw.span()),
+                bad("an IPv6 address goes in brackets"),
+            );
+            return None;
+        }
+        let unbracketed = bracketed.unwrap_or(host);
+        if let Ok(ip) = unbracketed.parse::<IpAddr>() {
+            let target = HttpsTarget::new(ip.to_string(), ServerName::IpAddress(ip.into()), port)?;
+            return Some((SocketAddr::new(ip, port), Some(target)));
+        }
+        let host = host.to_ascii_lowercase();
+        let server_name = match ServerName::try_from(host.clone()) {
+            Ok(name @ ServerName::DnsName(_)) => name,
+            _ => {
+                let detail = format!(
+                    "`{host}` is neither an IP address nor a DNS name (and \
+                                      there is no path after the port)"
+                );
+                self.report(key, Some(raw.span()), bad(&detail));
+                return None;
+            }
+        };
+        let resolved = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+            .map(|mut addresses| addresses.next());
+        let address = match resolved {
+            Ok(Some(address)) => address,
+            Ok(None) => {
+                let message = format!("`{host}` resolves to no address");
+                self.report(key, Some(raw.span()), message);
+                return None;
+            }
+            Err(error) => {
+                let message = format!("cannot resolve `{host}`: {error}");
+                self.report(key, Some(raw.span()), message);
+                return None;
+            }
+        };
+        let Some(target) = HttpsTarget::new(host.clone(), server_name, port) else {
+            self.report(key, Some(raw.span()), bad("not a valid authority"));
+            return None;
+        };
+        Some((address, Some(target)))
     }
 
     fn socket_addr(&mut self, key: &str, raw: &Spanned<String>) -> Option<SocketAddr> {
@@ -1293,6 +1726,7 @@ token = "0123456789abcdef-admin"
 
 [[listeners]]                # at least one
 listen = "127.0.0.1:8080"
+redirect_https = true
 
 [[routes]]                   # first match wins; both matchers optional
 host = "API.example.com"     # exact Host match; must not contain a port; stored lower-cased
@@ -1341,6 +1775,7 @@ response_header = "5s"
 client_header = "2m"
 idle = "24h"
 shutdown = "1s"
+upgraded_idle = "10m"
 "#;
 
     #[test]
@@ -1358,7 +1793,9 @@ shutdown = "1s"
         assert_eq!(
             config.listeners,
             [ListenerConfig {
-                listen: "127.0.0.1:8080".parse().unwrap()
+                listen: "127.0.0.1:8080".parse().unwrap(),
+                tls: None,
+                redirect_https: true,
             }]
         );
         assert_eq!(
@@ -1379,11 +1816,13 @@ shutdown = "1s"
                     address: "127.0.0.1:9001".parse().unwrap(),
                     weight: 2,
                     max_connections: Some(50),
+                    tls: None,
                 },
                 BackendSpec {
                     address: "127.0.0.1:9002".parse().unwrap(),
                     weight: 1,
                     max_connections: Some(100),
+                    tls: None,
                 },
             ]
         );
@@ -1441,6 +1880,7 @@ shutdown = "1s"
                 client_header: Duration::from_secs(120),
                 idle: Duration::from_secs(24 * 3600),
                 shutdown: Duration::from_secs(1),
+                upgraded_idle: Some(Duration::from_secs(600)),
             }
         );
     }
@@ -1472,6 +1912,7 @@ secret = "0123456789abcdef"
                 client_header: Duration::from_secs(10),
                 idle: Duration::from_secs(60),
                 shutdown: Duration::from_secs(30),
+                upgraded_idle: None,
             }
         );
         let pool = &config.pools["app"];
@@ -2393,7 +2834,11 @@ address = "127.0.0.1:8081"
             "listeners[1].address",
             Some(6),
         );
-        assert_eq!(error.message, "unknown key `address`; expected `listen`");
+        assert_eq!(
+            error.message,
+            "unknown key `address`; expected one of `listen`, `tls`, `certificates`, \
+             `redirect_https`"
+        );
 
         only_error(
             "[timeouts]\nconnect = \"1s\"\nconect = \"1s\"\n",
@@ -2441,6 +2886,314 @@ address = "127.0.0.1:8081"
             Some(4),
         );
         assert!(!error.message.contains('\n'), "{error}");
+    }
+
+    /// Writes a self-signed certificate for `names` and its key into `dir` as `{stem}.crt` and
+    /// `{stem}.key`.
+    fn write_cert(dir: &Path, stem: &str, names: &[&str]) {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let certified = rcgen::generate_simple_self_signed(names).unwrap();
+        std::fs::write(dir.join(format!("{stem}.crt")), certified.cert.pem()).unwrap();
+        std::fs::write(
+            dir.join(format!("{stem}.key")),
+            certified.signing_key.serialize_pem(),
+        )
+        .unwrap();
+    }
+
+    /// Checks `text` as if it were `dir/proxy.toml`, so relative paths resolve into `dir`.
+    fn check_in(dir: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        parse_with_env(text, &dir.join("proxy.toml"), &|_| None)
+    }
+
+    /// The one error of `text` checked in `dir`, asserted to be at `key` on `line`.
+    #[track_caller]
+    fn only_error_in(dir: &Path, text: &str, key: &str, line: usize) -> ConfigError {
+        let errors = check_in(dir, text).expect_err("the config should be rejected");
+        assert_eq!(errors.0.len(), 1, "expected one error, got:\n{errors}");
+        let error = errors.0.into_iter().next().unwrap();
+        assert_eq!(
+            (error.key.as_str(), error.line),
+            (key, Some(line)),
+            "{error}"
+        );
+        error
+    }
+
+    const POOL: &str = r#"
+[pools.app]
+strategy = "round_robin"
+backends = [{ address = "127.0.0.1:9001" }]
+"#;
+
+    #[test]
+    fn tls_listener_loads_its_certificate_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert(dir.path(), "site", &["site.example"]);
+        let config = check_in(
+            dir.path(),
+            &format!(
+                "[[listeners]]\nlisten = \"127.0.0.1:8443\"\n\
+                 tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n{POOL}"
+            ),
+        )
+        .unwrap();
+        let tls = config.listeners[0].tls.as_ref().expect("a TLS listener");
+        assert_eq!(tls.certificates.len(), 1);
+        assert_eq!(tls.certificates[0].cert, dir.path().join("site.crt"));
+        assert!(tls.certificates[0].server_names.is_empty());
+        assert_eq!(
+            tls.server_config.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        assert!(!config.listeners[0].redirect_https);
+
+        // Loaded again from the same files: equal. Rotated in place: not.
+        let again = check_in(
+            dir.path(),
+            &format!(
+                "[[listeners]]\nlisten = \"127.0.0.1:8443\"\n\
+                 tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n{POOL}"
+            ),
+        )
+        .unwrap();
+        assert_eq!(again.listeners, config.listeners);
+        write_cert(dir.path(), "site", &["site.example"]);
+        let rotated = check_in(
+            dir.path(),
+            &format!(
+                "[[listeners]]\nlisten = \"127.0.0.1:8443\"\n\
+                 tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n{POOL}"
+            ),
+        )
+        .unwrap();
+        assert_ne!(rotated.listeners, config.listeners);
+    }
+
+    #[test]
+    fn unusable_certificates_are_errors_that_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert(dir.path(), "a", &["a.example"]);
+        write_cert(dir.path(), "b", &["b.example"]);
+        let listener =
+            |tls: &str| format!("[[listeners]]\nlisten = \"127.0.0.1:8443\"\ntls = {tls}\n{POOL}");
+        let error = only_error_in(
+            dir.path(),
+            &listener(r#"{ cert = "missing.crt", key = "a.key" }"#),
+            "listeners[0].tls.cert",
+            3,
+        );
+        assert!(error.message.starts_with("cannot read "), "{error}");
+        assert!(error.message.contains("missing.crt"), "{error}");
+
+        // A key file with no key in it (here: a certificate).
+        let error = only_error_in(
+            dir.path(),
+            &listener(r#"{ cert = "a.crt", key = "b.crt" }"#),
+            "listeners[0].tls.key",
+            3,
+        );
+        assert!(
+            error.message.starts_with("no private key found in "),
+            "{error}"
+        );
+
+        let error = only_error_in(
+            dir.path(),
+            &listener(r#"{ cert = "a.key", key = "a.key" }"#),
+            "listeners[0].tls.cert",
+            3,
+        );
+        assert!(
+            error.message.starts_with("no certificate found in "),
+            "{error}"
+        );
+
+        // Another certificate's key.
+        let error = only_error_in(
+            dir.path(),
+            &listener(r#"{ cert = "a.crt", key = "b.key" }"#),
+            "listeners[0].tls.key",
+            3,
+        );
+        assert!(error.message.contains("cannot be used with"), "{error}");
+
+        only_error_in(
+            dir.path(),
+            &listener(r#"{ cert = "a.crt" }"#),
+            "listeners[0].tls.key",
+            1,
+        );
+    }
+
+    #[test]
+    fn sni_certificates_need_distinct_valid_names() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert(dir.path(), "a", &["a.example"]);
+        write_cert(dir.path(), "b", &["b.example"]);
+        let listener = |certificates: &str| {
+            format!("[[listeners]]\nlisten = \"127.0.0.1:8443\"\ncertificates = [\n{certificates}\n]\n{POOL}")
+        };
+        let config = check_in(
+            dir.path(),
+            &listener(
+                r#"{ cert = "a.crt", key = "a.key", server_names = ["A.example", "*.a.example"] },
+{ cert = "b.crt", key = "b.key", server_names = ["b.example"] },"#,
+            ),
+        )
+        .unwrap();
+        let tls = config.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(
+            tls.certificates[0].server_names,
+            ["a.example", "*.a.example"]
+        );
+        assert_eq!(tls.certificates[1].server_names, ["b.example"]);
+
+        let error = only_error_in(
+            dir.path(),
+            &listener(
+                r#"{ cert = "a.crt", key = "a.key", server_names = ["a.example"] },
+{ cert = "b.crt", key = "b.key", server_names = ["A.EXAMPLE"] },"#,
+            ),
+            "listeners[0].certificates[1].server_names[0]",
+            5,
+        );
+        assert!(error.message.contains("certificates[0]"), "{error}");
+        only_error_in(
+            dir.path(),
+            &listener(r#"{ cert = "a.crt", key = "a.key", server_names = ["a.*.example"] },"#),
+            "listeners[0].certificates[0].server_names[0]",
+            4,
+        );
+        only_error_in(
+            dir.path(),
+            &listener(r#"{ cert = "a.crt", key = "a.key" },"#),
+            "listeners[0].certificates[0].server_names",
+            4,
+        );
+        only_error_in(
+            dir.path(),
+            &format!(
+                "[[listeners]]\nlisten = \"127.0.0.1:8443\"\ntls = {{ cert = \"a.crt\", key = \"a.key\" }}\n\
+                 certificates = [{{ cert = \"b.crt\", key = \"b.key\", server_names = [\"b.example\"] }}]\n{POOL}"
+            ),
+            "listeners[0].certificates",
+            4,
+        );
+    }
+
+    #[test]
+    fn redirect_https_is_for_plain_listeners_only() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert(dir.path(), "a", &["a.example"]);
+        only_error_in(
+            dir.path(),
+            &format!(
+                "[[listeners]]\nlisten = \"127.0.0.1:8443\"\ntls = {{ cert = \"a.crt\", key = \"a.key\" }}\n\
+                 redirect_https = true\n{POOL}"
+            ),
+            "listeners[0].redirect_https",
+            4,
+        );
+        let config = check_in(
+            dir.path(),
+            &format!("[[listeners]]\nlisten = \"127.0.0.1:8080\"\nredirect_https = true\n{POOL}"),
+        )
+        .unwrap();
+        assert!(config.listeners[0].redirect_https);
+    }
+
+    #[test]
+    fn https_backends_keep_their_host_for_sni() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert(dir.path(), "ca", &["ca.example"]);
+        let text = r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[pools.app]
+strategy = "round_robin"
+ca = "ca.crt"
+backends = [
+  { address = "https://127.0.0.1:9443" },
+  { address = "https://LOCALHOST:9444" },
+  { address = "https://[::1]" },
+  { address = "http://127.0.0.1:9001" },
+]
+"#;
+        let config = check_in(dir.path(), text).unwrap();
+        let pool = &config.pools["app"];
+        assert_eq!(
+            pool.ca.as_deref(),
+            Some(dir.path().join("ca.crt").as_path())
+        );
+        let backends = &pool.backends;
+        assert_eq!(backends[0].address, "127.0.0.1:9443".parse().unwrap());
+        let tls = backends[0].tls.as_ref().unwrap();
+        assert_eq!(tls.host, "127.0.0.1");
+        assert!(matches!(tls.server_name, ServerName::IpAddress(_)));
+        assert_eq!(tls.ca.as_deref(), pool.ca.as_deref());
+        // A name is resolved at load; it stays the SNI name and the certificate's subject.
+        assert!(backends[1].address.ip().is_loopback());
+        assert_eq!(backends[1].address.port(), 9444);
+        let tls = backends[1].tls.as_ref().unwrap();
+        assert_eq!(tls.host, "localhost");
+        assert_eq!(tls.authority.as_str(), "localhost:9444");
+        assert!(matches!(tls.server_name, ServerName::DnsName(_)));
+        assert_eq!(backends[2].address, "[::1]:443".parse().unwrap());
+        assert_eq!(
+            backends[2].tls.as_ref().unwrap().authority.as_str(),
+            "[::1]:443"
+        );
+        assert_eq!(backends[3].address, "127.0.0.1:9001".parse().unwrap());
+        assert!(backends[3].tls.is_none());
+    }
+
+    #[test]
+    fn rejects_bad_https_backends_and_cas() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert(dir.path(), "ca", &["ca.example"]);
+        let pool = |backends: &str, extra: &str| {
+            format!(
+                "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n\n[pools.app]\nstrategy = \"round_robin\"\n\
+                 backends = [{backends}]\n{extra}"
+            )
+        };
+        for bad in [
+            "https://127.0.0.1:9443/api",
+            "https://ex ample:1",
+            "https://a.example:http",
+        ] {
+            let text = pool(&format!("{{ address = \"{bad}\" }}"), "");
+            let error = only_error_in(dir.path(), &text, "pools.app.backends[0].address", 6);
+            assert!(error.message.contains(bad), "{error}");
+        }
+        let error = only_error_in(
+            dir.path(),
+            &pool(
+                r#"{ address = "https://127.0.0.1:9443" }"#,
+                "ca = \"nope.crt\"\n",
+            ),
+            "pools.app.ca",
+            7,
+        );
+        assert!(error.message.starts_with("cannot read "), "{error}");
+        only_error_in(
+            dir.path(),
+            &pool(
+                r#"{ address = "https://127.0.0.1:9443" }"#,
+                "ca = \"ca.key\"\n",
+            ),
+            "pools.app.ca",
+            7,
+        );
+        // One address, reached two ways by two pools.
+        let text = format!(
+            "{}\n[pools.other]\nstrategy = \"round_robin\"\nbackends = [{{ address = \"127.0.0.1:9443\" }}]\n",
+            pool(r#"{ address = "https://127.0.0.1:9443" }"#, "")
+        );
+        let error = only_error_in(dir.path(), &text, "pools.other.backends[0].address", 10);
+        assert!(error.message.contains("pool `app`"), "{error}");
     }
 
     #[test]

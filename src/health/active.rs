@@ -1,6 +1,7 @@
-//! Active health checks: one task per checked backend address, sending an HTTP GET every
-//! `interval` on a fresh connection, and the supervisor that starts and stops those tasks as
-//! reloads change which addresses are checked and how.
+//! Active health checks: one task per checked backend address, sending an HTTP/1.1 GET every
+//! `interval` on a fresh connection (over TLS for an `https://` backend, verified like requests),
+//! and the supervisor that starts and stops those tasks as reloads change which addresses are
+//! checked and how.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -12,18 +13,21 @@ use http::{HeaderValue, Request};
 use http_body_util::Empty;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::{report, Change, CheckOutcome};
 use crate::backend::BackendState;
-use crate::config::{Config, HealthConfig};
+use crate::config::{Config, HealthConfig, UpstreamTls};
 use crate::state::Shared;
 
 /// A running checker.
 #[derive(Debug)]
 struct Running {
     config: HealthConfig,
+    tls: Option<UpstreamTls>,
     stop: CancellationToken,
 }
 
@@ -47,14 +51,16 @@ impl Checks {
         config: &Config,
         stop: &CancellationToken,
     ) {
-        // Validation guarantees one health config per address.
-        let mut wanted: HashMap<SocketAddr, &HealthConfig> = HashMap::new();
+        // Validation guarantees one health config and one TLS setting per address.
+        let mut wanted: HashMap<SocketAddr, (&HealthConfig, Option<&UpstreamTls>)> = HashMap::new();
         let mut in_config: HashSet<SocketAddr> = HashSet::new();
         for pool in config.pools.values() {
             for backend in &pool.backends {
                 in_config.insert(backend.address);
                 if let Some(health) = &pool.health {
-                    wanted.entry(backend.address).or_insert(health);
+                    wanted
+                        .entry(backend.address)
+                        .or_insert((health, backend.tls.as_ref()));
                 }
             }
         }
@@ -68,7 +74,9 @@ impl Checks {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         running.retain(|address, checker| {
-            let keep = wanted.get(address).is_some_and(|c| **c == checker.config);
+            let keep = wanted
+                .get(address)
+                .is_some_and(|(c, tls)| **c == checker.config && *tls == checker.tls.as_ref());
             if !keep {
                 checker.stop.cancel();
                 if !wanted.contains_key(address) {
@@ -94,7 +102,7 @@ impl Checks {
             }
             shared.registry.get(*address).is_some()
         });
-        for (address, health) in wanted {
+        for (address, (health, tls)) in wanted {
             if running.contains_key(&address) {
                 continue;
             }
@@ -108,12 +116,14 @@ impl Checks {
                 state,
                 epoch,
                 health.clone(),
+                tls.cloned(),
                 token.clone(),
             ));
             running.insert(
                 address,
                 Running {
                     config: health.clone(),
+                    tls: tls.cloned(),
                     stop: token,
                 },
             );
@@ -128,6 +138,7 @@ async fn run(
     state: Arc<BackendState>,
     epoch: u64,
     config: HealthConfig,
+    tls: Option<UpstreamTls>,
     stop: CancellationToken,
 ) {
     let address = state.address();
@@ -136,7 +147,7 @@ async fn run(
     loop {
         let outcome = tokio::select! {
             () = stop.cancelled() => return,
-            outcome = probe(address, &config) => outcome,
+            outcome = probe(address, &config, tls.as_ref()) => outcome,
         };
         let Some(shared) = shared.upgrade() else {
             return;
@@ -184,33 +195,34 @@ async fn run(
     }
 }
 
-/// One check: connect, `GET path`, and compare the response status, all within `timeout`.
-pub async fn probe(address: SocketAddr, config: &HealthConfig) -> CheckOutcome {
+/// One check: connect (and shake hands, for an `https://` backend), `GET path`, and compare the
+/// response status, all within `timeout`. The `Host` header is the check's `host`, else the
+/// backend's `HOST:port` for https, else its `IP:port`.
+pub async fn probe(
+    address: SocketAddr,
+    config: &HealthConfig,
+    tls: Option<&UpstreamTls>,
+) -> CheckOutcome {
     let exchange = async {
         let stream = TcpStream::connect(address)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let conn = tokio::spawn(conn);
-        let host = match &config.host {
-            Some(host) => HeaderValue::from_str(host),
-            None => HeaderValue::from_str(&address.to_string()),
+        let host = match (&config.host, tls) {
+            (Some(host), _) => HeaderValue::from_str(host),
+            (None, Some(tls)) => HeaderValue::from_str(tls.authority.as_str()),
+            (None, None) => HeaderValue::from_str(&address.to_string()),
         }
         .map_err(|e| format!("host: {e}"))?;
-        let request = Request::get(config.path.as_str())
-            .header(HOST, host)
-            .header(USER_AGENT, "switchyard-health-check")
-            .header(CONNECTION, "close")
-            .body(Empty::new())
-            .map_err(|e| format!("request: {e}"))?;
-        let response = sender.send_request(request).await;
-        // The status is all a check reads; the body and the connection are dropped.
-        conn.abort();
-        response
-            .map(|r| r.status().as_u16())
-            .map_err(|e| format!("request: {e}"))
+        match tls {
+            None => get(stream, host, &config.path).await,
+            Some(tls) => {
+                let stream = TlsConnector::from(Arc::clone(&tls.client_http1))
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                get(stream, host, &config.path).await
+            }
+        }
     };
     match tokio::time::timeout(config.timeout, exchange).await {
         Err(_) => CheckOutcome {
@@ -229,4 +241,27 @@ pub async fn probe(address: SocketAddr, config: &HealthConfig) -> CheckOutcome {
             result: status.to_string(),
         },
     }
+}
+
+/// `GET path` with `Connection: close` over `io`; the response's status.
+async fn get<I>(io: I, host: HeaderValue, path: &str) -> Result<u16, String>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let request = Request::get(path)
+        .header(HOST, host)
+        .header(USER_AGENT, "switchyard-health-check")
+        .header(CONNECTION, "close")
+        .body(Empty::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let response = sender.send_request(request).await;
+    // The status is all a check reads; the body and the connection are dropped.
+    conn.abort();
+    response
+        .map(|r| r.status().as_u16())
+        .map_err(|e| format!("request: {e}"))
 }

@@ -3,6 +3,7 @@
 
 mod body;
 pub mod headers;
+mod redirect;
 mod tunnel;
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 
 pub use body::{Finish, ProxyBody};
+pub use redirect::HttpsRedirect;
 
 use crate::backend::{SendError, UpstreamBody};
 use crate::balance::{self, Affinity, Candidates, Choice, RequestFacts};
@@ -31,6 +33,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
+    /// Set on a plain listener with `redirect_https`: every request is redirected, none proxied.
+    pub redirect: Option<HttpsRedirect>,
 }
 
 /// Proxies one request and always returns a response: the backend's, or a short error. The
@@ -53,7 +57,11 @@ pub async fn handle(
         status: 0,
         bytes: 0,
     };
-    let response = match forward(shared, &snapshot, conn, request, &mut record).await {
+    let result = match conn.redirect {
+        Some(redirect) => redirect.respond(request.uri(), request.headers()),
+        None => forward(shared, &snapshot, conn, request, &mut record).await,
+    };
+    let response = match result {
         Ok(response) => response,
         Err(error) => {
             // A pool with nothing available is logged when that starts and ends (see `health`),
@@ -231,7 +239,13 @@ async fn forward(
         let timeouts = &snapshot.config.timeouts;
         // Kept to tell, if the exchange fails, whether the client's upload was to blame.
         let upload = upstream.body().upload();
-        match member.state.pool.send(upstream, timeouts).await {
+        let tls = member.spec.tls.as_ref();
+        match member
+            .state
+            .pool
+            .send(upstream, timeouts, tls, upgrading)
+            .await
+        {
             Ok((mut response, pooled)) => {
                 let status = response.status();
                 health::observe(shared, pool, choice.index, status.is_server_error());
@@ -282,6 +296,7 @@ async fn forward(
                             websocket,
                             upgrade_guard,
                             cut,
+                            timeouts.upgraded_idle,
                         ));
                     }
                     // The connection now belongs to the tunnel; it never returns to the pool.

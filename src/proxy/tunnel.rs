@@ -1,8 +1,10 @@
 //! Upgraded connections (WebSocket and any other `Upgrade`): after the 101, bytes are copied both
-//! ways until either side closes, or until the backend's drain deadline cuts them. A WebSocket is
-//! cut at a frame boundary of the backend→client stream with a close frame, status 1001 ("going
-//! away"), so the client reconnects at once; other protocols are simply closed.
+//! ways until either side closes, until the backend's drain deadline cuts them, or until they
+//! have moved nothing for `timeouts.upgraded_idle`. A WebSocket closed by the proxy is closed at a
+//! frame boundary of the backend→client stream with a close frame, status 1001 ("going away"), so
+//! the client reconnects at once; other protocols are simply closed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -22,15 +24,18 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// Server-to-client close frame: FIN + opcode 8, unmasked, 2-byte payload 1001.
 const CLOSE_GOING_AWAY: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
 const BUFFER: usize = 16 * 1024;
+/// How many times per `upgraded_idle` period a tunnel is checked for idleness.
+const IDLE_CHECKS: u32 = 4;
 
 /// Runs one upgraded connection to its end. `guard` counts it against the backend; `cut` turns
-/// true when the backend's drain deadline passes.
+/// true when the backend's drain deadline passes; `idle` is `timeouts.upgraded_idle`.
 pub async fn run(
     client: OnUpgrade,
     backend: OnUpgrade,
     websocket: bool,
     guard: UpgradeGuard,
     cut: watch::Receiver<bool>,
+    idle: Option<Duration>,
 ) {
     let (client, backend) = match tokio::join!(client, backend) {
         (Ok(c), Ok(b)) => (c, b),
@@ -41,51 +46,86 @@ pub async fn run(
     };
     let client: TokioIo<Upgraded> = TokioIo::new(client);
     let backend: TokioIo<Upgraded> = TokioIo::new(backend);
-    if splice(client, backend, websocket, cut).await == End::Cut {
-        guard.backend().count_cut();
+    match splice(client, backend, websocket, cut, idle).await {
+        End::Cut => guard.backend().count_cut(),
+        End::Idle => tracing::debug!(
+            backend = %guard.backend().address(),
+            "upgraded connection idle for timeouts.upgraded_idle; closed"
+        ),
+        End::Closed => {}
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
+    /// One side closed it.
     Closed,
+    /// The backend's drain deadline cut it.
     Cut,
+    /// It moved nothing for `upgraded_idle`.
+    Idle,
 }
 
-async fn splice<C, B>(client: C, backend: B, websocket: bool, mut cut: watch::Receiver<bool>) -> End
+async fn splice<C, B>(
+    client: C,
+    backend: B,
+    websocket: bool,
+    mut cut: watch::Receiver<bool>,
+    idle: Option<Duration>,
+) -> End
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let hard_stop = after_cut(cut.clone(), FRAME_GRACE + CLOSE_GRACE);
+    // Bytes moved either way, for the idle check.
+    let moved = AtomicU64::new(0);
+    // Set once, to `Cut` or `Idle`, when the proxy decides to close the tunnel.
+    let (stop_tx, stop_rx) = watch::channel(None::<End>);
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
     let upstream = async {
         // Client → backend: a plain copy; when the client stops sending, tell the backend.
-        let _ = tokio::io::copy(&mut client_rx, &mut backend_tx).await;
+        let mut buf = vec![0u8; BUFFER];
+        loop {
+            let n = match client_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            moved.fetch_add(n as u64, Ordering::Relaxed);
+            if backend_tx.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
         let _ = backend_tx.shutdown().await;
     };
     let downstream = async {
+        let mut stop = stop_rx;
         let mut frames = FrameTracker::default();
         let mut buf = vec![0u8; BUFFER];
         let mut grace: Option<tokio::time::Instant> = None;
+        let mut stopping = End::Closed;
         let end = loop {
-            if grace.is_none() && *cut.borrow_and_update() {
-                if !websocket || frames.at_boundary() {
-                    break End::Cut;
+            if grace.is_none() {
+                if let Some(reason) = *stop.borrow_and_update() {
+                    if !websocket || frames.at_boundary() {
+                        break reason;
+                    }
+                    stopping = reason;
+                    grace = Some(tokio::time::Instant::now() + FRAME_GRACE);
                 }
-                grace = Some(tokio::time::Instant::now() + FRAME_GRACE);
             }
             let read = tokio::select! {
                 read = backend_rx.read(&mut buf) => read,
-                _ = cut.changed(), if grace.is_none() => continue,
-                _ = sleep_until_opt(grace) => break End::Cut,
+                _ = stop.changed(), if grace.is_none() => continue,
+                _ = sleep_until_opt(grace) => break stopping,
             };
             let n = match read {
                 Ok(0) | Err(_) => break End::Closed,
                 Ok(n) => n,
             };
-            // While cutting, forward only up to the end of the current frame.
+            moved.fetch_add(n as u64, Ordering::Relaxed);
+            // While stopping, forward only up to the end of the current frame.
             let take = if grace.is_some() {
                 frames.until_boundary(&buf[..n])
             } else {
@@ -96,35 +136,68 @@ where
                 break End::Closed;
             }
             if grace.is_some() && frames.at_boundary() {
-                break End::Cut;
+                break stopping;
             }
         };
         // A frame the backend never finished cannot be followed by a close frame: the client would
         // read the close frame's bytes as the rest of that frame's payload.
-        if end == End::Cut && websocket && frames.at_boundary() {
+        if end != End::Closed && websocket && frames.at_boundary() {
             let _ = client_tx.write_all(&CLOSE_GOING_AWAY).await;
         }
         let _ = client_tx.shutdown().await;
         end
     };
-    tokio::pin!(upstream, downstream, hard_stop);
+    let reason = async {
+        tokio::select! {
+            () = cut_requested(&mut cut) => End::Cut,
+            () = idle_for(&moved, idle) => End::Idle,
+        }
+    };
+    tokio::pin!(upstream, downstream, reason);
     let mut upstream_done = false;
+    let mut stopped: Option<(End, tokio::time::Instant)> = None;
     loop {
         tokio::select! {
             end = &mut downstream => return end,
             _ = &mut upstream, if !upstream_done => upstream_done = true,
+            reason = &mut reason, if stopped.is_none() => {
+                stop_tx.send_replace(Some(reason));
+                let hard_stop = tokio::time::Instant::now() + FRAME_GRACE + CLOSE_GRACE;
+                stopped = Some((reason, hard_stop));
+            }
             // Dropping both halves closes both connections, whatever write is pending.
-            _ = &mut hard_stop => return End::Cut,
+            _ = sleep_until_opt(stopped.map(|(_, at)| at)) => {
+                return stopped.map_or(End::Closed, |(reason, _)| reason);
+            }
         }
     }
 }
 
-/// Resolves `grace` after `cut` first turns true.
-async fn after_cut(mut cut: watch::Receiver<bool>, grace: Duration) {
+/// Resolves when `cut` turns true (never, if the backend's state is gone).
+async fn cut_requested(cut: &mut watch::Receiver<bool>) {
     if cut.wait_for(|cut| *cut).await.is_err() {
         std::future::pending::<()>().await;
     }
-    tokio::time::sleep(grace).await;
+}
+
+/// Resolves once `moved` has not changed for `idle` (checked [`IDLE_CHECKS`] times per period,
+/// so between 1 and 1.25 × `idle`); never without an `idle`.
+async fn idle_for(moved: &AtomicU64, idle: Option<Duration>) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    let period = (idle / IDLE_CHECKS).max(Duration::from_millis(1));
+    let mut check = tokio::time::interval(period);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.tick().await;
+    let mut last = moved.load(Ordering::Relaxed);
+    let mut quiet = 0;
+    while quiet < IDLE_CHECKS {
+        check.tick().await;
+        let now = moved.load(Ordering::Relaxed);
+        quiet = if now == last { quiet + 1 } else { 0 };
+        last = now;
+    }
 }
 
 /// Follows WebSocket frame boundaries (RFC 6455 §5.2) in one direction of a byte stream.
@@ -249,6 +322,43 @@ mod tests {
         let took = t.until_boundary(&stream[3..]);
         assert_eq!(3 + took, first);
         assert!(t.at_boundary());
+    }
+
+    /// A tunnel that moves nothing for `upgraded_idle` is closed, a WebSocket with a 1001 close
+    /// frame; one that keeps moving bytes is not.
+    #[tokio::test(start_paused = true)]
+    async fn idle_tunnels_are_closed_with_going_away() {
+        use tokio::io::duplex;
+        let (client_proxy, mut client) = duplex(1024);
+        let (backend_proxy, mut backend) = duplex(1024);
+        let (_cut_tx, cut) = watch::channel(false);
+        let idle = Some(Duration::from_secs(10));
+        let tunnel = tokio::spawn(splice(client_proxy, backend_proxy, true, cut, idle));
+
+        // Busy for 30s: a frame each way every 5s.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            client.write_all(&[0x81, 0x80, 1, 2, 3, 4]).await.unwrap();
+            backend.write_all(&frame(1)).await.unwrap();
+            let mut echoed = [0u8; 3];
+            client.read_exact(&mut echoed).await.unwrap();
+        }
+        assert!(!tunnel.is_finished(), "closed while busy");
+
+        // Quiet: closed between 10 and 12.5s later, with a close frame.
+        let quiet = tokio::time::Instant::now();
+        let mut close = [0u8; 4];
+        client.read_exact(&mut close).await.unwrap();
+        assert_eq!(close, CLOSE_GOING_AWAY);
+        assert_eq!(tunnel.await.unwrap(), End::Idle);
+        let took = quiet.elapsed();
+        assert!(
+            took >= Duration::from_secs(10) && took <= Duration::from_millis(12_500),
+            "{took:?}"
+        );
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
     }
 
     #[test]

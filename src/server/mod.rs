@@ -1,6 +1,8 @@
-//! Listeners and connections: the accept loops, HTTP/1.1 and HTTP/2 (prior knowledge) on the same
-//! socket, and graceful shutdown with a bounded wait. Listeners are keyed by their configured
-//! address so that a reload starts and stops only the ones that changed.
+//! Listeners and connections: the accept loops, TLS termination, HTTP/1.1 and HTTP/2 (ALPN over
+//! TLS, prior knowledge in cleartext) on the same socket, and graceful shutdown with a bounded
+//! wait. Listeners are keyed by their configured address so that a reload starts and stops only
+//! the ones that changed; what a kept listener serves (its certificates, its https redirect) is
+//! swapped in place and applies to the connections it accepts next.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -8,18 +10,21 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
-use crate::config::Config;
+use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::health::active::Checks;
 use crate::metrics::Metrics;
-use crate::proxy::{self, ConnInfo};
+use crate::proxy::{self, ConnInfo, HttpsRedirect};
 use crate::state::Shared;
 
 mod idle;
@@ -31,6 +36,18 @@ const IDLE_CHECKS: u32 = 4;
 
 /// Most concurrent HTTP/2 streams per client connection.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Largest HTTP/2 header list a client may send (decoded, with the 32-byte per-field overhead of
+/// RFC 9113 §6.5.2); a larger one gets `431`. The h2 crate also derives from it how many
+/// CONTINUATION frames one header block may take (list size / frame size + 25%, at least 5), and
+/// ends the connection with ENHANCE_YOUR_CALM past that: a CONTINUATION flood costs it a bounded
+/// buffer, never unbounded memory or CPU.
+const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Streams a client may open and reset before the server has even accepted them; past this the
+/// connection gets GOAWAY (ENHANCE_YOUR_CALM): the HTTP/2 "rapid reset" attack (CVE-2023-44487).
+const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams the server may reset because the client broke the protocol on them before the
+/// connection gets GOAWAY: the "MadeYouReset" variant (CVE-2025-8671).
+const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 
 /// What a listening socket serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,11 +62,22 @@ pub(crate) enum Role {
 /// that address it is (several `127.0.0.1:0` listeners are distinct sockets).
 pub(crate) type ListenerKey = (Role, SocketAddr, usize);
 
-/// A bound listener and the token that stops its accept loop.
+/// A bound listener, the token that stops its accept loop, and what it serves.
 #[derive(Debug)]
 struct Listener {
     local: SocketAddr,
     stop: CancellationToken,
+    /// Read by the accept loop once per connection; replaced when a reload changes it.
+    settings: Arc<ArcSwap<ListenerSettings>>,
+}
+
+/// How a proxy listener serves the connections it accepts.
+#[derive(Debug, Default)]
+struct ListenerSettings {
+    /// TLS termination, with the certificates loaded by the current config.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// `redirect_https`: every request gets a 308 to its https URL.
+    redirect: Option<HttpsRedirect>,
 }
 
 /// A running proxy: its shared state, its listeners and its connections.
@@ -158,27 +186,74 @@ impl Server {
         });
     }
 
-    /// Starts accept loops for freshly bound listeners.
+    /// Starts accept loops for freshly bound listeners, after setting what every listener serves
+    /// from the current snapshot's config (a new TLS listener never serves one connection in
+    /// cleartext).
     pub(crate) fn adopt_listeners(self: &Arc<Self>, bound: Vec<(ListenerKey, TcpListener)>) {
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fresh = Vec::with_capacity(bound.len());
         for (key, listener) in bound {
             let local = listener.local_addr().unwrap_or(key.1);
             let stop = self.shutdown.child_token();
-            match key.0 {
+            let settings = Arc::new(ArcSwap::from_pointee(ListenerSettings::default()));
+            listeners.insert(
+                key,
+                Listener {
+                    local,
+                    stop: stop.clone(),
+                    settings: Arc::clone(&settings),
+                },
+            );
+            fresh.push((key.0, listener, local, stop, settings));
+        }
+        self.configure_listeners(&listeners);
+        for (role, listener, local, stop, settings) in fresh {
+            match role {
                 Role::Proxy => {
                     tracing::info!(listen = %local, "listening");
-                    tokio::spawn(Arc::clone(self).accept_loop(listener, stop.clone()));
+                    tokio::spawn(Arc::clone(self).accept_loop(listener, stop, settings));
                 }
                 Role::Admin => {
                     tracing::info!(admin = %local, "admin listening");
-                    tokio::spawn(admin::serve(Arc::clone(self), listener, stop.clone()));
+                    tokio::spawn(admin::serve(Arc::clone(self), listener, stop));
                 }
             }
-            listeners.insert(key, Listener { local, stop });
         }
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+    /// Sets what each proxy listener serves from the current snapshot's config. Certificates
+    /// are those the config loaded, so a reload that re-read them serves them to new connections
+    /// without re-binding anything.
+    fn configure_listeners(&self, listeners: &BTreeMap<ListenerKey, Listener>) {
+        let snapshot = self.shared.snapshot.load();
+        let configured = proxy_listeners(&snapshot.config);
+        // Redirects go to the first TLS listener's port (its bound one, for port 0).
+        let https_port = configured
+            .iter()
+            .find(|(_, config)| config.tls.is_some())
+            .and_then(|(key, _)| listeners.get(key))
+            .map(|listener| listener.local.port());
+        for (key, config) in configured {
+            if let Some(listener) = listeners.get(&key) {
+                listener.settings.store(Arc::new(ListenerSettings {
+                    tls: config
+                        .tls
+                        .as_ref()
+                        .map(|tls| Arc::clone(&tls.server_config)),
+                    redirect: config
+                        .redirect_https
+                        .then(|| HttpsRedirect::to_port(https_port)),
+                }));
+            }
+        }
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: CancellationToken,
+        settings: Arc<ArcSwap<ListenerSettings>>,
+    ) {
         let local = listener.local_addr().ok();
         let open = local.map(|local| self.metrics().downstream(local));
         loop {
@@ -188,8 +263,9 @@ impl Server {
                     Ok((stream, peer)) => {
                         let server = Arc::clone(&self);
                         let counted = open.clone().map(OpenConnection::new);
+                        let settings = settings.load_full();
                         self.connections.spawn(async move {
-                            server.serve_connection(stream, peer).await;
+                            server.serve_connection(stream, peer, settings).await;
                             drop(counted);
                         });
                     }
@@ -203,9 +279,62 @@ impl Server {
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        settings: Arc<ListenerSettings>,
+    ) {
         let _ = stream.set_nodelay(true);
         let timeouts = self.shared.snapshot.load().config.timeouts.clone();
+        // Counted below TLS, so a handshake that trickles in is activity too.
+        let activity = Arc::new(Activity::default());
+        let io = CountingIo::new(stream, Arc::clone(&activity));
+        let Some(server_config) = &settings.tls else {
+            let info = ConnInfo {
+                peer,
+                proto: "http",
+                redirect: settings.redirect,
+            };
+            return self.serve_http(io, info, activity, &timeouts).await;
+        };
+        // A client gets `client_header` to finish the handshake, as it does to send its headers.
+        let accepting = TlsAcceptor::from(Arc::clone(server_config)).accept(io);
+        let handshake = tokio::select! {
+            handshake = tokio::time::timeout(timeouts.client_header, accepting) => handshake,
+            _ = self.shutdown.cancelled() => return,
+        };
+        let stream = match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let info = ConnInfo {
+            peer,
+            proto: "https",
+            redirect: None,
+        };
+        self.serve_http(stream, info, activity, &timeouts).await;
+    }
+
+    /// Serves HTTP/1.1 and HTTP/2 on one client connection until it ends, is idle for
+    /// `timeouts.idle`, or the server shuts down.
+    async fn serve_http<I>(
+        self: Arc<Self>,
+        io: I,
+        info: ConnInfo,
+        activity: Arc<Activity>,
+        timeouts: &Timeouts,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = info.peer;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // hyper starts this timer when an HTTP/1 connection goes idle too, so it also bounds idle
         // keep-alive connections; `idle` below covers HTTP/2 and longer `client_header` values.
@@ -217,12 +346,10 @@ impl Server {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
-        let info = ConnInfo {
-            peer,
-            proto: "http",
-        };
-        let activity = Arc::new(Activity::default());
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(H2_MAX_HEADER_LIST_SIZE)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
         let shared = Arc::clone(&self.shared);
         let service_activity = Arc::clone(&activity);
         let service = service_fn(move |request| {
@@ -234,8 +361,7 @@ impl Server {
                 Ok::<_, Infallible>(response)
             }
         });
-        let io = TokioIo::new(CountingIo::new(stream, Arc::clone(&activity)));
-        let connection = builder.serve_connection_with_upgrades(io, service);
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         // Checked four times per period, so a connection closes between 1 and 1.25 × `idle`.
         let period = (timeouts.idle / IDLE_CHECKS).max(Duration::from_millis(1));
@@ -332,22 +458,30 @@ pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Every listener a config asks for.
+/// Every listener a config asks for: the proxy listeners in file order, then the admin one.
 fn wanted_listeners(config: &Config) -> Vec<ListenerKey> {
-    let mut keys: Vec<ListenerKey> = Vec::new();
-    let wanted = config
-        .listeners
-        .iter()
-        .map(|l| (Role::Proxy, l.listen))
-        .chain(config.admin.iter().map(|a| (Role::Admin, a.listen)));
-    for (role, address) in wanted {
-        let seen = keys
-            .iter()
-            .filter(|k| k.0 == role && k.1 == address)
-            .count();
-        keys.push((role, address, seen));
+    let mut keys: Vec<ListenerKey> = proxy_listeners(config)
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    if let Some(admin) = &config.admin {
+        keys.push((Role::Admin, admin.listen, 0));
     }
     keys
+}
+
+/// Each `[[listeners]]` entry with its key: several entries on `127.0.0.1:0` are told apart by
+/// their order.
+fn proxy_listeners(config: &Config) -> Vec<(ListenerKey, &ListenerConfig)> {
+    let mut keyed: Vec<(ListenerKey, &ListenerConfig)> = Vec::with_capacity(config.listeners.len());
+    for listener in &config.listeners {
+        let seen = keyed
+            .iter()
+            .filter(|(key, _)| key.1 == listener.listen)
+            .count();
+        keyed.push(((Role::Proxy, listener.listen, seen), listener));
+    }
+    keyed
 }
 
 /// Binds every address, or none: a failure drops what was already bound.

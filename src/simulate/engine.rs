@@ -727,6 +727,7 @@ fn added_spec(pool: &PoolConfig, address: SocketAddr) -> BackendSpec {
             address,
             weight: 1,
             max_connections: pool.backends.first().and_then(|b| b.max_connections),
+            tls: None,
         })
 }
 
