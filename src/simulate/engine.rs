@@ -157,6 +157,9 @@ struct Sim<'a> {
     over_bound: u64,
     decisions: u64,
     choosing: Duration,
+    /// Each decision's time, for the median: unlike the mean, it shrugs off the decisions the
+    /// scheduler happened to interrupt on a busy machine.
+    timings: Vec<u32>,
     window: Option<Window>,
     events: Vec<EventFigures>,
     slice_us: u64,
@@ -238,6 +241,7 @@ impl<'a> Sim<'a> {
             over_bound: 0,
             decisions: 0,
             choosing: Duration::ZERO,
+            timings: Vec::new(),
             window: None,
             events: Vec::new(),
             slice_us: (duration_us / SLICES).max(1),
@@ -351,7 +355,10 @@ impl<'a> Sim<'a> {
         // Only the decision is timed: the clock is read around it, as close as it gets.
         let started = Instant::now();
         let (choice, bound) = self.choose(c);
-        self.choosing += started.elapsed();
+        let took = started.elapsed();
+        self.choosing += took;
+        self.timings
+            .push(u32::try_from(took.as_nanos()).unwrap_or(u32::MAX));
         self.decisions += 1;
 
         let timer = &mut self.clients[c as usize].timer;
@@ -682,6 +689,12 @@ impl<'a> Sim<'a> {
             })
             .collect();
         let seconds = self.choosing.as_secs_f64();
+        let middle = self.timings.len() / 2;
+        let median_decision_ns = if self.timings.is_empty() {
+            0
+        } else {
+            *self.timings.select_nth_unstable(middle).1
+        };
         let pool = &self.pool;
         StrategyRun {
             strategy: pool.strategy.as_str(),
@@ -695,6 +708,7 @@ impl<'a> Sim<'a> {
             } else {
                 0.0
             },
+            median_decision_ns,
             failed: self.failed,
             backends,
             imbalance,

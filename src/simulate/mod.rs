@@ -324,6 +324,8 @@ pub struct StrategyRun {
     pub decisions: u64,
     /// Decisions per second of wall-clock time spent choosing (clock reads included).
     pub decisions_per_second: f64,
+    /// The median decision's time, in nanoseconds (clock reads included).
+    pub median_decision_ns: u32,
     /// Requests no backend could take (a 503 in the proxy).
     pub failed: u64,
     /// Every backend that was in the pool at some time, in config order, then added ones.
@@ -637,9 +639,10 @@ impl fmt::Display for Report {
             }
             writeln!(
                 f,
-                "  decisions/s: {:.1} M ({} decisions)",
+                "  decisions/s: {:.1} M ({} decisions; median {} ns each, clock reads included)",
                 run.decisions_per_second / 1e6,
-                run.decisions
+                run.decisions,
+                run.median_decision_ns
             )?;
         }
         Ok(())
