@@ -36,6 +36,26 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// `log_format` (default `text`): how access-log lines are written.
     pub log_format: LogFormat,
+    /// `[runtime]`: read at start only.
+    pub runtime: RuntimeConfig,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RuntimeConfig {
+    /// `workers` (default: the number of CPUs): threads serving connections, like nginx's
+    /// `worker_processes` and HAProxy's `nbthread`. One worker runs everything on one thread with
+    /// no work stealing.
+    pub workers: Option<usize>,
+}
+
+impl RuntimeConfig {
+    /// The worker count in force: `workers`, or the CPUs this process may use.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
 }
 
 /// `[admin]`.

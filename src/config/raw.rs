@@ -38,6 +38,16 @@ pub struct RawConfig {
     pub pools: BTreeMap<Spanned<String>, RawPool>,
     /// `[timeouts]`.
     pub timeouts: Option<RawTimeouts>,
+    /// `[runtime]`.
+    pub runtime: Option<RawRuntime>,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    /// `workers`: threads serving connections.
+    pub workers: Option<Spanned<i64>>,
 }
 
 /// `[admin]`.

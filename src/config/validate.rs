@@ -27,8 +27,8 @@ use super::raw::{
 };
 use super::{
     AdminConfig, BackendSpec, CertificateConfig, Config, CookieConfig, DrainSticky, HealthConfig,
-    ListenerConfig, ListenerTls, LogFormat, PassiveConfig, PoolConfig, RouteConfig, StrategyKind,
-    Timeouts, UpstreamTls,
+    ListenerConfig, ListenerTls, LogFormat, PassiveConfig, PoolConfig, RouteConfig, RuntimeConfig,
+    StrategyKind, Timeouts, UpstreamTls,
 };
 use crate::tls::{self, LoadedKey, SniCertificate};
 
@@ -39,6 +39,8 @@ const MAX_WEIGHT: i64 = 1000;
 const DEFAULT_WEIGHT: u32 = 1;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_RETRIES: u32 = 1;
+/// More worker threads than this is a typo, not a machine.
+const MAX_WORKERS: i64 = 1024;
 const MAX_CONNECTIONS: i64 = 1_000_000;
 /// More retries than this only multiply the load a failing request puts on a pool.
 const MAX_RETRIES: i64 = 10;
@@ -208,6 +210,14 @@ impl Checker<'_> {
         self.one_tls_setting_per_address(raw, &pools);
         let timeouts = self.timeouts(raw.timeouts.as_ref());
         let log_format = self.log_format(raw.log_format.as_ref());
+        let runtime = RuntimeConfig {
+            workers: raw
+                .runtime
+                .as_ref()
+                .and_then(|r| r.workers.as_ref())
+                .and_then(|w| self.count("runtime.workers", w, 1, MAX_WORKERS))
+                .map(|w| w as usize),
+        };
         Config {
             path: self.file.to_path_buf(),
             admin,
@@ -216,6 +226,7 @@ impl Checker<'_> {
             pools,
             timeouts,
             log_format,
+            runtime,
         }
     }
 
@@ -2455,6 +2466,21 @@ max_ejected_percent = 101
         );
         let error = only_error(&pool("ip_hash", "0.9"), "pools.app.balance_factor", Some(6));
         assert!(error.message.contains("expected 1.0 to 100.0"), "{error}");
+    }
+
+    #[test]
+    fn runtime_workers_is_optional_and_bounded() {
+        let base = "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n";
+        let config = check(base).unwrap();
+        assert_eq!(config.runtime.workers, None);
+        assert!(config.runtime.worker_threads() >= 1);
+        let config = check(&format!("{base}[runtime]\nworkers = 1\n")).unwrap();
+        assert_eq!(config.runtime.worker_threads(), 1);
+        only_error(
+            &format!("{base}[runtime]\nworkers = 0\n"),
+            "runtime.workers",
+            Some(4),
+        );
     }
 
     #[test]

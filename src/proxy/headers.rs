@@ -43,6 +43,17 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes hop-by-hop headers: `Connection`, every header it names, and the fixed list. With
 /// `upgrading`, `Upgrade` and `Connection: upgrade` are kept so the handshake reaches the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    // Most messages carry none of these: one pass over the names (cheap comparisons) spares the
+    // removals, each of which hashes its name.
+    let present = headers
+        .keys()
+        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    if !present {
+        if upgrading {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     // Headers named by Connection are hop-by-hop too; collect them first (rare, so allocation is ok).
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = connection_tokens(headers)
@@ -80,21 +91,25 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// `X-Forwarded-Proto` and `X-Forwarded-Host`.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client: &HeaderValue,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let mut xff = String::new();
-    for v in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(v) = v.to_str() {
-            xff.push_str(v);
-            xff.push_str(", ");
+    // `client` is the peer's IP, formatted once per connection; appending to what came before is
+    // byte concatenation, with no formatting per request.
+    let mut earlier = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if earlier.peek().is_none() {
+        headers.insert(X_FORWARDED_FOR, client.clone());
+    } else {
+        let mut xff = Vec::with_capacity(64);
+        for v in earlier {
+            xff.extend_from_slice(v.as_bytes());
+            xff.extend_from_slice(b", ");
         }
-    }
-    use std::fmt::Write;
-    let _ = write!(xff, "{client}");
-    if let Ok(value) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR, value);
+        xff.extend_from_slice(client.as_bytes());
+        if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match host {
@@ -105,6 +120,11 @@ pub fn set_forwarded(
             headers.remove(X_FORWARDED_HOST);
         }
     }
+}
+
+/// The peer's IP as an `X-Forwarded-For` entry, formatted once per connection.
+pub fn peer_ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
 }
 
 /// The client's IP for hashing: the peer, unless the peer is a trusted proxy, in which case the
@@ -239,7 +259,7 @@ mod tests {
         h.append(X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2"));
         set_forwarded(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &peer_ip_value("127.0.0.1".parse().unwrap()),
             "http",
             Some(&HeaderValue::from_static("a.example:8080")),
         );

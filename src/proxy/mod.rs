@@ -27,10 +27,12 @@ use crate::metrics::MemberMetrics;
 use crate::state::{Pool, Shared, Snapshot};
 
 /// What the request path knows about the client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client's address.
     pub peer: SocketAddr,
+    /// The client's IP as an `X-Forwarded-For` entry, formatted once for the connection.
+    pub peer_ip: HeaderValue,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
     /// Set on a plain listener with `redirect_https`: every request is redirected, none proxied.
@@ -448,23 +450,27 @@ fn upstream_request(
         parts.headers.insert(header::HOST, host);
     }
     // Authority-form (CONNECT) has no path: switchyard is not a forward proxy.
-    let target = parts.uri.path_and_query().ok_or(ProxyError::BadRequest {
-        reason: "invalid target",
-    })?;
-    parts.uri = Uri::try_from(target.as_str()).map_err(|_| ProxyError::BadRequest {
-        reason: "invalid target",
-    })?;
+    if parts.uri.path_and_query().is_none() {
+        return Err(ProxyError::BadRequest {
+            reason: "invalid target",
+        });
+    }
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        // Absolute form (and HTTP/2's pseudo-headers): the backend gets the origin form. An
+        // origin-form target, the usual HTTP/1.1 case, is already that and is kept as parsed.
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = None;
+        uri.authority = None;
+        parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest {
+            reason: "invalid target",
+        })?;
+    }
     parts.version = Version::HTTP_11;
     headers::strip_hop_by_hop(&mut parts.headers, upgrading);
     headers::strip_proxy_credentials(&mut parts.headers);
     let host = parts.headers.get(header::HOST).cloned();
     // Each hop appends the peer it talked to, not the client it resolved for hashing.
-    headers::set_forwarded(
-        &mut parts.headers,
-        conn.peer.ip(),
-        conn.proto,
-        host.as_ref(),
-    );
+    headers::set_forwarded(&mut parts.headers, &conn.peer_ip, conn.proto, host.as_ref());
     Ok((
         cookies,
         Request::from_parts(parts, UpstreamBody::streaming(body)),

@@ -293,6 +293,7 @@ impl Server {
         let Some(server_config) = &settings.tls else {
             let info = ConnInfo {
                 peer,
+                peer_ip: proxy::headers::peer_ip_value(peer.ip()),
                 proto: "http",
                 redirect: settings.redirect,
             };
@@ -317,6 +318,7 @@ impl Server {
         };
         let info = ConnInfo {
             peer,
+            peer_ip: proxy::headers::peer_ip_value(peer.ip()),
             proto: "https",
             redirect: None,
         };
@@ -352,8 +354,10 @@ impl Server {
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
         let shared = Arc::clone(&self.shared);
         let service_activity = Arc::clone(&activity);
+        let info = Arc::new(info);
         let service = service_fn(move |request| {
             let shared = Arc::clone(&shared);
+            let info = Arc::clone(&info);
             let waiting = service_activity.wait();
             async move {
                 let response = proxy::handle(&shared, &info, request).await;
