@@ -2,13 +2,13 @@
 //! `ArcSwap`. A request loads it once and finishes on it, whatever reloads happen meanwhile.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 use crate::backend::Registry;
-use crate::balance::{self, Member, Strategy};
+use crate::balance::{self, Candidates, Choice, Member, RequestFacts, Strategy};
 use crate::config::{Config, PoolConfig};
 use crate::health::Monitor;
 use crate::metrics::{MemberMetrics, Metrics, PoolMetrics};
@@ -38,6 +38,25 @@ impl Pool {
     /// The pool's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The load bound of bounded-load placement (`balance_factor`) right now, if the pool has one.
+    pub fn load_bound(&self) -> Option<u64> {
+        self.config
+            .balance_factor
+            .zip(self.load.as_ref())
+            .map(|(factor, load)| {
+                balance::load_bound(factor, load.load(Ordering::Relaxed), self.active)
+            })
+    }
+
+    /// Asks the strategy for a backend, with the pool's slow start and load bound, passing over
+    /// the members in `tried`. The one way a backend is chosen, for the proxy and `simulate` alike.
+    pub fn choose(&self, facts: &RequestFacts<'_>, tried: &[usize]) -> Option<Choice> {
+        let candidates = Candidates::new(&self.members, self.active, tried)
+            .with_slow_start(self.config.slow_start)
+            .with_bound(self.load_bound());
+        self.strategy.choose(facts, &candidates)
     }
 }
 

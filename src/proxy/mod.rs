@@ -7,7 +7,6 @@ mod redirect;
 mod tunnel;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,7 +18,7 @@ pub use body::{Finish, ProxyBody};
 pub use redirect::HttpsRedirect;
 
 use crate::backend::{SendError, UpstreamBody};
-use crate::balance::{self, Affinity, Candidates, Choice, RequestFacts};
+use crate::balance::{Affinity, RequestFacts};
 use crate::config::{PoolConfig, StrategyKind};
 use crate::error::ProxyError;
 use crate::health;
@@ -210,7 +209,7 @@ async fn forward(
     let mut tried: Vec<usize> = Vec::new();
     let mut retried = 0;
     let mut last_error = None;
-    let mut next = choose(pool, &facts, &tried);
+    let mut next = pool.choose(&facts, &tried);
     loop {
         let Some(choice) = next.take() else {
             // Nothing (else) to try: the client hears why the last backend failed (502), or 503.
@@ -235,7 +234,7 @@ async fn forward(
             // choose again (not a retry: nothing was sent).
             drop(guard);
             tried.push(choice.index);
-            next = choose(pool, &facts, &tried);
+            next = pool.choose(&facts, &tried);
             continue;
         }
         let timeouts = &snapshot.config.timeouts;
@@ -258,7 +257,7 @@ async fn forward(
                 {
                     if let Some(replay) = &replay {
                         tried.push(choice.index);
-                        next = choose(pool, &facts, &tried);
+                        next = pool.choose(&facts, &tried);
                         if next.is_some() {
                             // The answer and its connection are dropped unread.
                             retried += 1;
@@ -330,7 +329,7 @@ async fn forward(
                     return Err(error);
                 }
                 // Nothing of it reached the backend, so any request may go elsewhere.
-                next = choose(pool, &facts, &tried);
+                next = pool.choose(&facts, &tried);
                 if next.is_none() {
                     return Err(error);
                 }
@@ -355,7 +354,7 @@ async fn forward(
                     return Err(error);
                 };
                 tried.push(choice.index);
-                next = choose(pool, &facts, &tried);
+                next = pool.choose(&facts, &tried);
                 if next.is_none() {
                     return Err(error);
                 }
@@ -405,20 +404,6 @@ impl Replay {
         *request.headers_mut() = self.headers.clone();
         request
     }
-}
-
-fn choose(pool: &Pool, facts: &RequestFacts<'_>, tried: &[usize]) -> Option<Choice> {
-    let bound = pool
-        .config
-        .balance_factor
-        .zip(pool.load.as_ref())
-        .map(|(factor, load)| {
-            balance::load_bound(factor, load.load(Ordering::Relaxed), pool.active)
-        });
-    let candidates = Candidates::new(&pool.members, pool.active, tried)
-        .with_slow_start(pool.config.slow_start)
-        .with_bound(bound);
-    pool.strategy.choose(facts, &candidates)
 }
 
 /// Rewrites the client's request for the backend: origin-form target, HTTP/1.1, hop-by-hop headers

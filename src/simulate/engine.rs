@@ -6,7 +6,6 @@
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use tokio::sync::watch;
 use super::workload::{SessionTimer, Workload};
 use super::{BackendFigures, EventFigures, EventKind, Imbalance, PoolEvent, Series, StrategyRun};
 use crate::backend::{BackendState, BackendStatus, Drain, InFlightGuard, Registry};
-use crate::balance::{self, Affinity, Candidates, Choice, RequestFacts};
+use crate::balance::{Affinity, Choice, RequestFacts};
 use crate::config::{BackendSpec, Config, PoolConfig, StrategyKind};
 use crate::drain;
 use crate::metrics::Metrics;
@@ -326,25 +325,17 @@ impl<'a> Sim<'a> {
         b.peak = b.peak.max(b.in_flight);
     }
 
-    /// What the proxy does to pick a backend (`proxy::choose`, first try): the pool's bound and
+    /// What the proxy does to pick a backend ([`Pool::choose`], first try): the pool's bound and
     /// slow start, every member a candidate.
     fn choose(&self, client: u32) -> (Option<Choice>, Option<u64>) {
         let pool = self.current();
-        let bound = pool
-            .config
-            .balance_factor
-            .zip(pool.load.as_ref())
-            .map(|(factor, load)| {
-                balance::load_bound(factor, load.load(Ordering::Relaxed), pool.active)
-            });
+        // Read before choosing, as the proxy's choice reads it: the bound this decision met.
+        let bound = pool.load_bound();
         let facts = RequestFacts {
             client_ip: self.clients[client as usize].ip,
             headers: &self.headers,
         };
-        let candidates = Candidates::new(&pool.members, pool.active, &[])
-            .with_slow_start(pool.config.slow_start)
-            .with_bound(bound);
-        (pool.strategy.choose(&facts, &candidates), bound)
+        (pool.choose(&facts, &[]), bound)
     }
 
     fn request(&mut self, c: u32) {
