@@ -134,3 +134,56 @@ async fn json_access_log_has_one_object_per_request() {
     assert!(entry["timestamp"].is_string() && entry["client"].is_string());
     assert!(entry["duration_ms"].as_f64().is_some_and(|d| d > 0.0));
 }
+
+/// `[runtime] workers = 1` runs everything on one thread: requests, a reload by SIGHUP, health checks
+/// and a graceful stop all still work.
+#[tokio::test]
+async fn one_worker_serves_reloads_checks_and_stops() {
+    let apps = apps(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let checks = "[pools.app.health]\npath = \"/status/200\"\ninterval = \"50ms\"\n";
+    let config = |n: usize| {
+        one_pool("round_robin", &weight_one(&apps[..n]), checks)
+            .replace("[[listeners]]", "[runtime]\nworkers = 1\n\n[[listeners]]")
+    };
+    let path = write_config(dir.path(), "proxy.toml", &config(1));
+    let mut process = ProxyProcess::start(&path);
+    assert_eq!(get(process.addr, "/", &[]).await.backend(), "app1");
+
+    write_config(dir.path(), "proxy.toml", &config(2));
+    process.signal("HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen: Vec<String> =
+            futures_util::future::join_all((0..4).map(|_| get(process.addr, "/", &[])))
+                .await
+                .iter()
+                .map(|r| r.backend())
+                .collect();
+        if seen.iter().any(|b| b == "app2") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "app2 never served:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The health checker runs on the same thread as everything else: with no traffic, app2 still
+    // gets its checks every 50ms.
+    let before = apps[1].requests();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(apps[1].requests() >= before + 3, "no checks reached app2");
+
+    process.signal("TERM");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{}", process.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", process.log());
+}
