@@ -10,11 +10,6 @@ use switchyard::config::{Config, LogFormat};
 use switchyard::reload::ReloadReport;
 use switchyard::server::Server;
 
-/// The request path allocates a few small blocks per request (hyper's buffers, header maps);
-/// mimalloc serves them from per-thread free lists (see BENCHMARKS.md for what it saves).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// HTTP load balancer and reverse proxy.
 #[derive(Debug, Parser)]
 #[command(version, about)]

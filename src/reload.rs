@@ -307,6 +307,7 @@ impl fmt::Display for ReloadReport {
 impl Server {
     /// Reads the config file the server runs with (or was last reloaded from) and applies it.
     pub async fn reload_from_file(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
+        let _one_file_reload_at_a_time = self.file_reload_lock.lock().await;
         let path = self.shared().snapshot.load().config.path.clone();
         // Off the runtime's threads: loading reads certificate files and may resolve the host
         // names of https backends.

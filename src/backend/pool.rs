@@ -142,6 +142,9 @@ pub struct PooledConn {
     sender: Sender,
     upload: Option<Arc<Upload>>,
     max_idle: Duration,
+    /// The pool's generation when the connection was made: one made before a `clear` never
+    /// comes back.
+    generation: u64,
 }
 
 /// One HTTP/1.1 connection, or a stream of the shared HTTP/2 one (which its own task keeps open
@@ -194,6 +197,9 @@ pub struct ConnPool {
     /// Set once a TLS backend negotiated `h2`; every request but upgrades then shares it. Cleared
     /// when it closes, and by a drain.
     shared_h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Bumped by `clear`: connections from before (still carrying a request, or still being
+    /// made) are not pooled or shared afterwards.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for ConnPool {
@@ -217,6 +223,7 @@ impl ConnPool {
             address,
             idle: Mutex::new(VecDeque::new()),
             shared_h2: Mutex::new(None),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -224,6 +231,7 @@ impl ConnPool {
     /// last request ends): a draining backend gets no new work to reuse them for, and a backend
     /// whose TLS settings changed must not be reached over the old ones.
     pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.lock_h2().take();
     }
@@ -237,7 +245,7 @@ impl ConnPool {
     /// rest of that body would reach the next request. The HTTP/2 connection stays shared
     /// whatever its streams do.
     pub fn checkin(&self, conn: PooledConn) {
-        if !conn.request_done() {
+        if !conn.request_done() || conn.generation != self.generation.load(Ordering::SeqCst) {
             return;
         }
         let Sender::Http1(sender) = conn.sender else {
@@ -302,6 +310,7 @@ impl ConnPool {
         upgrade: bool,
     ) -> Result<(Response<Incoming>, PooledConn), SendError> {
         let upload = request.body().upload();
+        let generation = self.generation.load(Ordering::SeqCst);
         // Only TLS backends can have negotiated h2, so plain ones never take this lock.
         if let (Some(tls), false) = (tls, upgrade) {
             if let Some(mut sender) = self.checkout_h2() {
@@ -311,14 +320,19 @@ impl ConnPool {
                     Ok(response) => {
                         return Ok((
                             from_http2(response),
-                            self.pooled(Sender::Http2, upload, timeouts),
+                            self.pooled(Sender::Http2, upload, timeouts, generation),
                         ))
                     }
                     Err(SendError::NotSent { request: mut r, .. }) => {
                         into_http1(&mut r);
                         request = *r;
                     }
-                    Err(failed) => return Err(failed),
+                    Err(failed) => {
+                        // A connection that timed out or broke may be dead without having been
+                        // closed (a silent partition): the next request opens a fresh one.
+                        self.lock_h2().take();
+                        return Err(failed);
+                    }
                 }
             }
         }
@@ -336,7 +350,7 @@ impl ConnPool {
                 Ok(response) => {
                     return Ok((
                         response,
-                        self.pooled(Sender::Http1(sender), upload, timeouts),
+                        self.pooled(Sender::Http1(sender), upload, timeouts, generation),
                     ))
                 }
                 Err(SendError::NotSent { request: r, .. }) => request = *r,
@@ -358,7 +372,7 @@ impl ConnPool {
                 let response = self.exchange(sending, timeouts, &upload).await?;
                 Ok((
                     response,
-                    self.pooled(Sender::Http1(sender), upload, timeouts),
+                    self.pooled(Sender::Http1(sender), upload, timeouts, generation),
                 ))
             }
             Connected::Http2(mut sender) => {
@@ -366,12 +380,18 @@ impl ConnPool {
                 if let Some(tls) = tls {
                     into_http2(&mut request, tls);
                 }
-                *self.lock_h2() = Some(sender.clone());
+                {
+                    // Shared only if no `clear` (a TLS settings change) came while connecting.
+                    let mut shared = self.lock_h2();
+                    if generation == self.generation.load(Ordering::SeqCst) {
+                        *shared = Some(sender.clone());
+                    }
+                }
                 let sending = sender.try_send_request(request);
                 match self.exchange(sending, timeouts, &upload).await {
                     Ok(response) => Ok((
                         from_http2(response),
-                        self.pooled(Sender::Http2, upload, timeouts),
+                        self.pooled(Sender::Http2, upload, timeouts, generation),
                     )),
                     Err(SendError::NotSent { mut request, error }) => {
                         into_http1(&mut request);
@@ -388,11 +408,13 @@ impl ConnPool {
         sender: Sender,
         upload: Option<Arc<Upload>>,
         timeouts: &Timeouts,
+        generation: u64,
     ) -> PooledConn {
         PooledConn {
             sender,
             upload,
             max_idle: timeouts.idle,
+            generation,
         }
     }
 
@@ -499,6 +521,11 @@ where
 {
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        // A shared connection that went silent (a partition, a backend that died without a FIN)
+        // is found by its pings within half a minute, not by the kernel after a quarter hour.
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
         .handshake(TokioIo::new(io))
         .await
         .map_err(std::io::Error::other)?;

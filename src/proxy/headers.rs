@@ -59,6 +59,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .filter(|name| !(upgrading && name == header::UPGRADE))
+            // `Connection: host` must not take away the Host the request was routed by (the
+            // backend would see another vhost, or none).
+            .filter(|name| name != header::HOST)
             .collect();
         for name in named {
             headers.remove(name);
@@ -250,6 +253,21 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn connection_cannot_name_host_away() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("host, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[header::HOST], "a.example");
+        assert!(!h.contains_key("x-secret"));
+        assert!(!h.contains_key(header::CONNECTION));
     }
 
     #[test]

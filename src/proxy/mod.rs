@@ -60,7 +60,10 @@ pub async fn handle(
     };
     let result = match conn.redirect {
         Some(redirect) => redirect.respond(request.uri(), request.headers()),
-        None => forward(shared, &snapshot, conn, request, &mut record).await,
+        // Boxed: hyper keeps room for one request future per connection for as long as the
+        // connection lives, so the large forwarding state machine is allocated per request
+        // instead, and an idle keep-alive connection holds only this small wrapper.
+        None => Box::pin(forward(shared, &snapshot, conn, request, &mut record)).await,
     };
     let response = match result {
         Ok(response) => response,
@@ -416,6 +419,9 @@ fn upstream_request(
     wants_cookies: bool,
 ) -> Result<(http::HeaderMap, Request<UpstreamBody>), ProxyError> {
     let (mut parts, body) = request.into_parts();
+    if parts.version == Version::HTTP_2 {
+        merge_cookies(&mut parts.headers);
+    }
     let mut cookies = http::HeaderMap::new();
     if wants_cookies {
         for value in parts.headers.get_all(header::COOKIE) {
@@ -462,6 +468,24 @@ fn upstream_request(
     ))
 }
 
+/// HTTP/2 clients may send each cookie as its own `cookie` field; over HTTP/1.1 they must travel
+/// as one header joined by `"; "` (RFC 9113 §8.2.3), since many backends read only the first.
+fn merge_cookies(headers: &mut http::HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let Some(first) = values.next() else { return };
+    if values.next().is_none() {
+        return;
+    }
+    let mut joined = first.as_bytes().to_vec();
+    for value in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// Whether the pool's placement hashes the client IP (so `trusted_proxies` matters).
 fn hashes_client_ip(pool: &PoolConfig) -> bool {
     pool.strategy == StrategyKind::IpHash
@@ -488,4 +512,22 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http2_cookie_fields_become_one_header() {
+        let mut headers = http::HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("sy=token"));
+        merge_cookies(&mut headers);
+        let all: Vec<_> = headers.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; sy=token"]);
+        // One field stays as it is.
+        merge_cookies(&mut headers);
+        assert_eq!(headers[header::COOKIE], "a=1; sy=token");
+    }
 }

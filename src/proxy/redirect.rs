@@ -45,7 +45,12 @@ impl HttpsRedirect {
         };
         // `host()` keeps an IPv6 address's brackets.
         let host = authority.host();
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        // `OPTIONS *` names the server, not a resource: its https counterpart is the root.
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .filter(|p| *p != "*")
+            .unwrap_or("/");
         let location = match self.port {
             Some(port) => format!("https://{host}:{port}{path}"),
             None => format!("https://{host}{path}"),
@@ -77,6 +82,14 @@ mod tests {
                 .unwrap()
                 .to_owned(),
         )
+    }
+
+    #[test]
+    fn options_star_goes_to_the_root() {
+        assert_eq!(
+            location(HttpsRedirect::to_port(None), "*", Some("a.example")).as_deref(),
+            Some("https://a.example/")
+        );
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct Server {
     connections: TaskTracker,
     /// Reloads (and snapshot refreshes after a drain) happen one at a time.
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
+    /// File reloads (SIGHUP, the watcher, `POST /reload`) read and apply one at a time, so a
+    /// slow read cannot apply an older file after a newer one.
+    pub(crate) file_reload_lock: tokio::sync::Mutex<()>,
     /// Active health checkers, one per checked backend address.
     pub(crate) health_checks: Checks,
 }
@@ -105,6 +108,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
             reload_lock: tokio::sync::Mutex::new(()),
+            file_reload_lock: tokio::sync::Mutex::new(()),
             health_checks: Checks::default(),
         });
         server.metrics().loaded();
