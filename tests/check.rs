@@ -72,7 +72,7 @@ fn rejects_a_pool_without_backends() {
     let text = VALID.replace(r#"[{ address = "127.0.0.1:9001" }]"#, "[]");
     let (stderr, _) = rejected(&text);
     assert!(
-        stderr.contains("pools.app.backends: a pool needs at least one backend"),
+        stderr.contains("pools.app.backends: a pool needs at least one backend, or a [pools.app.discovery] table"),
         "{stderr}"
     );
 }
