@@ -7,11 +7,8 @@
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use support::dns::{Mode, Srv, TestDns};
 use support::fleet;
 use support::*;
@@ -54,67 +51,6 @@ fn a_source(dns: &TestDns, port: u16, interval: &str) -> String {
 
 fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, last)
-}
-
-/// The value of the first series of `/metrics` whose line starts with `series`.
-async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
-    let reply = get(admin, "/metrics", &[]).await;
-    reply.body.lines().find_map(|line| {
-        line.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
-
-/// Clients sending requests until `stop`; counts successes and failures (printing each).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(proxy: SocketAddr, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let tasks = (0..clients)
-            .map(|c| {
-                let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
-                tokio::spawn(async move {
-                    let client = client();
-                    while !stop.load(Ordering::Relaxed) {
-                        let reply = send(&client, proxy, "GET", "/", &[], Bytes::new()).await;
-                        if reply.status == 200 {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            eprintln!("client {c}: {} {}", reply.status, reply.body);
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            tasks,
-        }
-    }
-
-    /// Stops the clients; (succeeded, failed).
-    async fn finish(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            task.await.unwrap();
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
