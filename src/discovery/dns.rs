@@ -25,8 +25,9 @@ use crate::server::Server;
 
 /// How long one query waits for the server, per attempt.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
-/// Attempts per lookup (UDP loses packets).
-const QUERY_ATTEMPTS: usize = 2;
+/// Queries sent again after one got no answer (UDP loses packets): a silent server fails a
+/// lookup after about `(1 + QUERY_RETRIES) × QUERY_TIMEOUT`.
+const QUERY_RETRIES: usize = 1;
 
 /// Looks `config` up until `stop`, handing each answer to the server.
 pub(crate) async fn run(
@@ -101,7 +102,7 @@ fn resolver(config: &DnsDiscovery) -> Result<TokioResolver, NetError> {
     options.cache_size = 0;
     options.use_hosts_file = ResolveHosts::Never;
     options.timeout = QUERY_TIMEOUT;
-    options.attempts = QUERY_ATTEMPTS;
+    options.attempts = QUERY_RETRIES;
     builder.build()
 }
 
