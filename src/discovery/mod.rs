@@ -36,7 +36,7 @@ use crate::server::Server;
 pub const MAX_WEIGHT: u32 = 1000;
 
 /// One backend a source found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Found {
     /// Its address: its identity, as for a listed backend.
     pub address: SocketAddr,
@@ -65,17 +65,6 @@ pub enum SourceState {
     Empty,
     /// Not answering; the last membership keeps serving.
     Failing,
-}
-
-impl SourceState {
-    fn as_str(self) -> &'static str {
-        match self {
-            SourceState::Starting => "starting",
-            SourceState::Ok => "ok",
-            SourceState::Empty => "empty",
-            SourceState::Failing => "failing",
-        }
-    }
 }
 
 /// A discovered pool's task and what it found.
@@ -195,10 +184,12 @@ impl Discovery {
             keep
         });
         for (name, discovery) in wanted {
+            if pools.get(name).is_some_and(|r| r.config == *discovery) {
+                continue;
+            }
             let epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
             let token = stop.child_token();
             match pools.get_mut(name) {
-                Some(running) if running.config == *discovery => continue,
                 Some(running) => {
                     running.stop.cancel();
                     running.config = discovery.clone();
@@ -362,11 +353,6 @@ impl Discovery {
             last_error_at: running.last_error.as_ref().map(|(_, at)| unix(*at)),
             members: running.members.as_ref().map(Vec::len),
         })
-    }
-
-    /// The source state of pool `pool` (`starting`, `ok`, `empty`, `failing`), when discovered.
-    pub fn state(&self, pool: &str) -> Option<&'static str> {
-        self.lock().get(pool).map(|r| r.state.as_str())
     }
 }
 

@@ -46,13 +46,13 @@ const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 /// Streams a client may open and reset before the server has even accepted them; past this the
 /// connection gets GOAWAY (ENHANCE_YOUR_CALM): the HTTP/2 "rapid reset" attack (CVE-2023-44487).
 const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
-/// How long a starting server waits for its discovery sources' first answers before it accepts
-/// connections (already bound, they wait in the kernel's queue meanwhile).
-const FIRST_ANSWERS_WAIT: Duration = Duration::from_secs(5);
-
 /// Streams the server may reset because the client broke the protocol on them before the
 /// connection gets GOAWAY: the "MadeYouReset" variant (CVE-2025-8671).
 const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+
+/// How long a starting server waits for its discovery sources' first answers before it accepts
+/// connections (already bound, they wait in the kernel's queue meanwhile).
+const FIRST_ANSWERS_WAIT: Duration = Duration::from_secs(5);
 
 /// What a listening socket serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -137,12 +137,6 @@ impl Server {
         let config = Arc::clone(&self.shared.snapshot.load().config);
         self.discovery
             .reconcile(self, &config, &self.shared.metrics, &self.shutdown);
-    }
-
-    /// The discovery state of pool `name` (`starting`, `ok`, `empty`, `failing`), when its
-    /// backends are discovered.
-    pub fn discovery_state(&self, name: &str) -> Option<&'static str> {
-        self.discovery.state(name)
     }
 
     /// Starts and stops health checkers to match the current config.
