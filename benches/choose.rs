@@ -43,6 +43,7 @@ fn pool(kind: StrategyKind, members: &[Member]) -> PoolConfig {
         name: "bench".into(),
         strategy: kind,
         backends: members.iter().map(|m| m.spec.clone()).collect(),
+        discovery: None,
         cookie: Some(CookieConfig {
             name: "sy".into(),
             secrets: vec![b"bench-secret-0123456789".to_vec()],

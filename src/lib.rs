@@ -20,6 +20,8 @@
 //! - [`tls`]: certificates and rustls configs, built when a config is loaded.
 //! - [`reload`]: file watch / SIGHUP / admin → load → validate → reconcile → store.
 //! - [`drain`]: the Active → Draining → Retired/Drained state machine.
+//! - [`discovery`]: pools whose backends come from DNS or etcd, followed in the background and
+//!   applied through the reload path.
 //! - [`admin`]: the status page, `/status`, `/reload`, runtime drain and `/metrics`, behind an
 //!   optional bearer token.
 //! - [`metrics`]: metric names and handles in one place.
@@ -32,6 +34,7 @@ pub mod backend;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod drain;
 pub mod error;
 pub mod health;

@@ -61,6 +61,11 @@ pub struct Metrics {
     pub last_reload_success: IntGauge,
     /// `switchyard_backend_drains_total{end}`: `drained`, `deadline` or `cancelled`.
     pub drains: IntCounterVec,
+    /// `switchyard_discovery_updates_total{pool,result}`: `changed`, `unchanged`,
+    /// `empty_ignored` or `error`.
+    discovery_updates: IntCounterVec,
+    /// `switchyard_discovery_source_up{pool}`: 1 while the pool's source answers.
+    discovery_up: IntGaugeVec,
     members: Mutex<HashMap<(String, SocketAddr), Arc<MemberMetrics>>>,
     pools: Mutex<HashMap<String, Arc<PoolMetrics>>>,
     unrouted: Arc<MemberMetrics>,
@@ -332,6 +337,17 @@ impl Metrics {
             "Backend drains ended, by how they ended.",
             &["end"],
         );
+        let discovery_updates = counter_vec(
+            "switchyard_discovery_updates_total",
+            "Answers of a pool's discovery source: changed (membership applied), unchanged, \
+             empty_ignored (no backends, without allow_empty) or error (not read).",
+            &["pool", "result"],
+        );
+        let discovery_up = gauge_vec(
+            "switchyard_discovery_source_up",
+            "1 when the pool's discovery source answered its last read, 0 when it failed.",
+            &["pool"],
+        );
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(vecs.requests.clone()),
             Box::new(vecs.duration.clone()),
@@ -348,6 +364,8 @@ impl Metrics {
             Box::new(reloads.clone()),
             Box::new(last_reload_success.clone()),
             Box::new(drains.clone()),
+            Box::new(discovery_updates.clone()),
+            Box::new(discovery_up.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("unique metric names");
@@ -359,6 +377,8 @@ impl Metrics {
             reloads,
             last_reload_success,
             drains,
+            discovery_updates,
+            discovery_up,
             members: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             unrouted,
@@ -490,6 +510,29 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Counts an answer of `pool`'s discovery source: `changed`, `unchanged`, `empty_ignored` or
+    /// `error`.
+    pub fn discovery_update(&self, pool: &str, result: &str) {
+        self.discovery_updates
+            .with_label_values(&[pool, result])
+            .inc();
+    }
+
+    /// Whether `pool`'s discovery source answered its last read.
+    pub fn discovery_source_up(&self, pool: &str, up: bool) {
+        self.discovery_up
+            .with_label_values(&[pool])
+            .set(i64::from(up));
+    }
+
+    /// Drops the discovery series of a pool that is no longer discovered.
+    pub(crate) fn remove_discovery(&self, pool: &str) {
+        for result in ["changed", "unchanged", "empty_ignored", "error"] {
+            let _ = self.discovery_updates.remove_label_values(&[pool, result]);
+        }
+        let _ = self.discovery_up.remove_label_values(&[pool]);
     }
 
     /// Records the config loaded at startup: the success timestamp only, since a start is not a

@@ -1,7 +1,8 @@
 //! Reloads: a trigger (file change, SIGHUP, `POST /reload`) → load → validate → reconcile → store.
 //! Only a valid config whose new listeners could all be bound is swapped in; anything else changes
 //! nothing. Backends that leave every pool are drained; backends that come back are active again
-//! with their live state intact.
+//! with their live state intact. A discovered pool's membership change (see [`crate::discovery`])
+//! takes the same path, one pool's backends replaced in the current config.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -14,6 +15,7 @@ use serde::Serialize;
 
 use crate::backend::{BackendState, BackendStatus, DrainOutcome};
 use crate::config::{Config, ConfigErrors, UpstreamTls};
+use crate::discovery::{self, Answer};
 use crate::drain;
 use crate::server::Server;
 use crate::state::Snapshot;
@@ -32,6 +34,20 @@ pub enum ReloadError {
         /// The bind error (it names the address).
         #[source]
         source: std::io::Error,
+    },
+}
+
+/// What a config is applied for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// A reload (file, SIGHUP, `POST /reload`): counted as one, may change listeners.
+    Reload,
+    /// A discovered pool's membership changed: only that pool's backends differ. `ramp`: new
+    /// backends slow-start where the pool asks for it (not when the pool had none before, as
+    /// at start: there is no warm backend to spare then, as with a listed pool at start).
+    Discovery {
+        /// Whether added backends slow-start.
+        ramp: bool,
     },
 }
 
@@ -342,24 +358,73 @@ impl Server {
 
     /// Applies a validated config: binds new listeners (or fails, changing nothing), drains
     /// backends that left every pool, re-activates ones that came back, swaps the snapshot, then
-    /// stops listeners that were removed.
+    /// stops listeners that were removed. Discovered pools keep the membership their sources
+    /// last gave (see [`crate::discovery`]), and their discovery tasks follow the new config.
     pub async fn reload(self: &Arc<Self>, config: Config) -> Result<ReloadReport, ReloadError> {
         let _serialised = self.reload_lock.lock().await;
+        let current = self.shared().snapshot.load_full();
+        let config = self.discovery.merge(config, &current.config);
+        let report = self.apply(config, Cause::Reload).await?;
+        self.reconcile_discovery();
+        Ok(report)
+    }
+
+    /// Applies one answer of pool `pool`'s discovery task of `epoch`: a changed membership goes
+    /// through the reload path (the current config with that pool's backends replaced); a failed
+    /// read, an ignored empty answer or an unchanged membership changes nothing but the source's
+    /// state. The change is logged with its report and counted.
+    pub(crate) async fn discovered(self: &Arc<Self>, pool: &str, epoch: u64, answer: Answer) {
+        let _serialised = self.reload_lock.lock().await;
+        let Some(found) = self.discovery.record(pool, epoch, answer, self.metrics()) else {
+            return;
+        };
+        let old = self.shared().snapshot.load_full();
+        let mut config = (*old.config).clone();
+        let backends = discovery::backends_of(&config, pool, &found);
+        let Some(pool_config) = config.pools.get_mut(pool) else {
+            return;
+        };
+        let source = pool_config
+            .discovery
+            .as_ref()
+            .map(|d| d.source.describe())
+            .unwrap_or_default();
+        let ramp = !pool_config.backends.is_empty();
+        pool_config.backends = backends;
+        match self.apply(config, Cause::Discovery { ramp }).await {
+            Ok(report) if report.is_empty() => {}
+            Ok(report) => {
+                tracing::info!(pool, %source, changes = %report, "pool membership changed")
+            }
+            // Nothing to bind, so nothing can fail; kept honest all the same.
+            Err(error) => tracing::error!(pool, %source, %error, "pool membership not applied"),
+        }
+    }
+
+    /// Swaps in `config` (callers hold the reload lock): listeners first for a reload, then
+    /// drains, the snapshot, slow start, health checks.
+    async fn apply(
+        self: &Arc<Self>,
+        config: Config,
+        cause: Cause,
+    ) -> Result<ReloadReport, ReloadError> {
         let old = self.shared().snapshot.load_full();
         let report = ReloadReport::between(&old.config, &config);
-        let path = config.path.clone();
-        let bind_error = |source| ReloadError::Bind {
-            path: path.clone(),
-            source,
-        };
-        let new_listeners = match self.bind_new_listeners(&config).await {
-            Ok(bound) => bound,
-            Err(source) => {
-                self.metrics().reload_failed();
-                let error = bind_error(source);
-                tracing::error!(%error, "config reload failed, still serving the last good config");
-                return Err(error);
-            }
+        // A membership change leaves the listeners as they are: nothing to bind, nothing to stop.
+        let new_listeners = match cause {
+            Cause::Reload => match self.bind_new_listeners(&config).await {
+                Ok(bound) => Some(bound),
+                Err(source) => {
+                    self.metrics().reload_failed();
+                    let error = ReloadError::Bind {
+                        path: config.path.clone(),
+                        source,
+                    };
+                    tracing::error!(%error, "config reload failed, still serving the last good config");
+                    return Err(error);
+                }
+            },
+            Cause::Discovery { .. } => None,
         };
 
         let registry = &self.shared().registry;
@@ -399,10 +464,12 @@ impl Server {
         // A backend new to the config starts cold: ramp it up where its pool asks for slow start.
         let old_addresses = all_backends(&old.config);
         let snapshot = self.shared().snapshot.load();
+        let may_ramp = !matches!(cause, Cause::Discovery { ramp: false });
         for added in &report.backends_added {
-            let ramps = snapshot
-                .pool(&added.pool)
-                .is_some_and(|p| p.config.slow_start.is_some());
+            let ramps = may_ramp
+                && snapshot
+                    .pool(&added.pool)
+                    .is_some_and(|p| p.config.slow_start.is_some());
             if ramps && !old_addresses.contains(&added.address) {
                 if let Some(state) = registry.get(added.address) {
                     state.health.begin_slow_start();
@@ -412,10 +479,12 @@ impl Server {
         drop(snapshot);
         self.reconcile_health_checks();
         crate::health::check_outages(self.shared(), None);
-        self.adopt_listeners(new_listeners);
-        self.stop_removed_listeners();
-        self.metrics().reload_succeeded();
-        tracing::info!(changes = %report, "config reloaded");
+        if let Some(new_listeners) = new_listeners {
+            self.adopt_listeners(new_listeners);
+            self.stop_removed_listeners();
+            self.metrics().reload_succeeded();
+            tracing::info!(changes = %report, "config reloaded");
+        }
         Ok(report)
     }
 

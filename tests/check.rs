@@ -60,6 +60,25 @@ fn accepts_a_minimal_config() {
 }
 
 #[test]
+fn accepts_a_discovered_pool_without_contacting_its_source() {
+    // A resolver on a port where nothing answers: `check` validates, it does not resolve.
+    let text = VALID.replace(
+        r#"backends = [{ address = "127.0.0.1:9001" }]"#,
+        "[pools.app.discovery]\ndns = \"app.internal:8080\"\nresolver = \"127.0.0.1:9\"",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let output = run_check(&write_config(dir.path(), "ok.toml", &text));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[test]
 fn rejects_an_unknown_key() {
     let text = VALID.replace("strategy =", "backend_timeout = \"1s\"\nstrategy =");
     let (stderr, _) = rejected(&text);
@@ -72,7 +91,7 @@ fn rejects_a_pool_without_backends() {
     let text = VALID.replace(r#"[{ address = "127.0.0.1:9001" }]"#, "[]");
     let (stderr, _) = rejected(&text);
     assert!(
-        stderr.contains("pools.app.backends: a pool needs at least one backend"),
+        stderr.contains("pools.app.backends: a pool needs at least one backend, or a [pools.app.discovery] table"),
         "{stderr}"
     );
 }

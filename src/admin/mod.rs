@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::BackendStatus;
 use crate::balance::Member;
+use crate::discovery::DiscoveryStatus;
 use crate::drain;
 use crate::reload::ReloadError;
 use crate::server::Server;
-use crate::state::Snapshot;
 
 /// Accepts admin connections until `stop` is cancelled.
 pub(crate) async fn serve(server: Arc<Server>, listener: TcpListener, stop: CancellationToken) {
@@ -93,7 +93,7 @@ async fn handle(server: &Arc<Server>, request: Request<Incoming>) -> AdminRespon
     }
     match segments.as_slice() {
         ["status"] => only(&method, "GET", || {
-            json_response(StatusCode::OK, &status(&server.shared().snapshot.load()))
+            json_response(StatusCode::OK, &status(server))
         }),
         ["metrics"] => only(&method, "GET", || {
             let mut response = Response::new(Full::new(Bytes::from(server.metrics().render())));
@@ -223,10 +223,13 @@ struct Status {
 struct PoolStatus {
     name: String,
     strategy: &'static str,
+    /// For a discovered pool: its source and what it last did; `null` for a listed pool.
+    discovery: Option<DiscoveryStatus>,
     backends: Vec<serde_json::Value>,
 }
 
-fn status(snapshot: &Snapshot) -> Status {
+fn status(server: &Server) -> Status {
+    let snapshot = server.shared().snapshot.load();
     Status {
         pools: snapshot
             .pools
@@ -234,6 +237,7 @@ fn status(snapshot: &Snapshot) -> Status {
             .map(|pool| PoolStatus {
                 name: pool.name().to_owned(),
                 strategy: pool.config.strategy.as_str(),
+                discovery: server.discovery.status(pool.name()),
                 backends: pool
                     .members
                     .iter()

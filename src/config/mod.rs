@@ -215,8 +215,12 @@ pub struct PoolConfig {
     pub name: String,
     /// `strategy`.
     pub strategy: StrategyKind,
-    /// `backends`, in file order; addresses are unique within the pool.
+    /// `backends`, in file order; addresses are unique within the pool. For a pool with
+    /// `discovery`, the membership last discovered, in address order (empty when the file is
+    /// read: a source is never contacted by validation).
     pub backends: Vec<BackendSpec>,
+    /// `[pools.NAME.discovery]`: where the backends come from, instead of a static list.
+    pub discovery: Option<DiscoveryConfig>,
     /// `[pools.NAME.cookie]`, when present. Required (with a secret) when `strategy = "cookie"`.
     pub cookie: Option<CookieConfig>,
     /// `trusted_proxies`: peers whose `X-Forwarded-For` is believed for `ip_hash`.
@@ -240,6 +244,86 @@ pub struct PoolConfig {
     /// `ca`: the PEM file of the CA certificates its `https://` backends are verified against,
     /// instead of Mozilla's roots.
     pub ca: Option<PathBuf>,
+}
+
+/// `[pools.NAME.discovery]`: a pool whose backends are followed in DNS or etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryConfig {
+    /// `dns`, `dns_srv` or `etcd`: exactly one.
+    pub source: DiscoverySource,
+    /// `allow_empty` (default false): whether an empty answer from a source that answers empties
+    /// the pool. When false, it is ignored and the last membership keeps serving.
+    pub allow_empty: bool,
+    /// The pool's `max_connections`, given to every backend found.
+    pub max_connections: Option<u32>,
+}
+
+/// Where a pool's backends are found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscoverySource {
+    /// `dns` or `dns_srv`, looked up again every `interval` (or when the answer's TTL runs out,
+    /// if later).
+    Dns(DnsDiscovery),
+    /// `etcd = { endpoints, prefix }`: read whole, then watched.
+    Etcd(EtcdDiscovery),
+}
+
+impl DiscoverySource {
+    /// What `/status` and logs call the source: `dns NAME:PORT`, `dns_srv NAME` or
+    /// `etcd PREFIX`.
+    pub fn describe(&self) -> String {
+        match self {
+            DiscoverySource::Dns(dns) => match &dns.query {
+                DnsQuery::Address { name, port, .. } => format!("dns {name}:{port}"),
+                DnsQuery::Srv { name } => format!("dns_srv {name}"),
+            },
+            DiscoverySource::Etcd(etcd) => format!("etcd {}", etcd.prefix),
+        }
+    }
+}
+
+/// A DNS source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsDiscovery {
+    /// What to ask.
+    pub query: DnsQuery,
+    /// `resolver`: the DNS server asked (port 53 unless given); `None`: the system's, from
+    /// `/etc/resolv.conf`.
+    pub resolver: Option<SocketAddr>,
+    /// `interval` (default 5s): between lookups, stretched to the answer's TTL when that is
+    /// longer.
+    pub interval: Duration,
+}
+
+/// A DNS question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsQuery {
+    /// `dns = "NAME:PORT"`: each A record (or AAAA, when there are no A records) is one backend
+    /// on `port`, with `weight`.
+    Address {
+        /// The name, lower-cased.
+        name: String,
+        /// The port of every backend.
+        port: u16,
+        /// `weight` (default 1).
+        weight: u32,
+    },
+    /// `dns_srv = "NAME"`: each target of the SRV records with the lowest priority, at each of
+    /// its addresses, on the record's port, weighted by the record's weight (0 counts as 1).
+    Srv {
+        /// The SRV name, lower-cased.
+        name: String,
+    },
+}
+
+/// An etcd source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdDiscovery {
+    /// `endpoints`: `http://HOST:PORT` of etcd members.
+    pub endpoints: Vec<String>,
+    /// `prefix`: each key under it holds one backend as JSON, `{"address": "IP:port",
+    /// "weight": N}`.
+    pub prefix: String,
 }
 
 /// `[pools.NAME.health]`: an HTTP GET to each backend, in the background.

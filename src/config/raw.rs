@@ -116,8 +116,10 @@ pub struct RawRoute {
 pub struct RawPool {
     /// `strategy`: `round_robin`, `least_connections`, `ip_hash` or `cookie`.
     pub strategy: Option<Spanned<String>>,
-    /// `backends`: at least one.
+    /// `backends`: at least one, unless the pool has `[pools.NAME.discovery]` instead.
     pub backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+    /// `[pools.NAME.discovery]`: backends found in DNS or etcd instead of a static `backends`.
+    pub discovery: Option<RawDiscovery>,
     /// `trusted_proxies`: CIDRs or bare IPs.
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
     /// `drain_timeout`: a humantime duration.
@@ -140,6 +142,36 @@ pub struct RawPool {
     pub passive: Option<RawPassive>,
     /// `ca`: path of the PEM CA certificates for `https://` backends.
     pub ca: Option<Spanned<String>>,
+}
+
+/// `[pools.NAME.discovery]`: exactly one source (`dns`, `dns_srv` or `etcd`) and its settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscovery {
+    /// `dns`: `NAME:PORT`, resolved to A (or AAAA) records.
+    pub dns: Option<Spanned<String>>,
+    /// `dns_srv`: the SRV name, e.g. `_http._tcp.app.internal`.
+    pub dns_srv: Option<Spanned<String>>,
+    /// `etcd = { endpoints, prefix }`.
+    pub etcd: Option<RawEtcd>,
+    /// `resolver`: `IP` or `IP:port` of the DNS server to ask instead of the system's.
+    pub resolver: Option<Spanned<String>>,
+    /// `interval`: a humantime duration between DNS lookups.
+    pub interval: Option<Spanned<String>>,
+    /// `weight`: the weight of every backend `dns` finds.
+    pub weight: Option<Spanned<i64>>,
+    /// `allow_empty`: honour an empty answer from a healthy source.
+    pub allow_empty: Option<Spanned<bool>>,
+}
+
+/// `etcd = { endpoints = [...], prefix = "..." }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcd {
+    /// `endpoints`: `http://HOST:PORT` URLs of etcd members.
+    pub endpoints: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `prefix`: every key under it is one backend.
+    pub prefix: Option<Spanned<String>>,
 }
 
 /// `[pools.NAME.health]`.

@@ -22,11 +22,12 @@ use toml::Spanned;
 use rustls_pki_types::{CertificateDer, ServerName};
 
 use super::raw::{
-    RawAdmin, RawBackend, RawCertificate, RawConfig, RawCookie, RawHealth, RawListener, RawPassive,
-    RawPool, RawRoute, RawSecret, RawTimeouts,
+    RawAdmin, RawBackend, RawCertificate, RawConfig, RawCookie, RawDiscovery, RawEtcd, RawHealth,
+    RawListener, RawPassive, RawPool, RawRoute, RawSecret, RawTimeouts,
 };
 use super::{
-    AdminConfig, BackendSpec, CertificateConfig, Config, CookieConfig, DrainSticky, HealthConfig,
+    AdminConfig, BackendSpec, CertificateConfig, Config, CookieConfig, DiscoveryConfig,
+    DiscoverySource, DnsDiscovery, DnsQuery, DrainSticky, EtcdDiscovery, HealthConfig,
     ListenerConfig, ListenerTls, LogFormat, PassiveConfig, PoolConfig, RouteConfig, RuntimeConfig,
     StrategyKind, Timeouts, UpstreamTls,
 };
@@ -45,6 +46,9 @@ const MAX_CONNECTIONS: i64 = 1_000_000;
 /// More retries than this only multiply the load a failing request puts on a pool.
 const MAX_RETRIES: i64 = 10;
 const DEFAULT_COOKIE_NAME: &str = "switchyard";
+/// How often a DNS source is asked again unless its TTL says later.
+const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
+const DNS_PORT: u16 = 53;
 const STRATEGIES: &str = "`round_robin`, `least_connections`, `ip_hash`, `cookie`";
 const FALLBACKS: &str = "`round_robin`, `least_connections`, `ip_hash`";
 
@@ -672,13 +676,29 @@ impl Checker<'_> {
         });
         let ca_key = format!("{key}.ca");
         let ca = raw.ca.as_ref().map(|ca| self.ca(&ca_key, ca));
-        let backends = self.backends(
-            &key,
-            name,
-            raw.backends.as_ref(),
-            default_max_connections,
-            ca.as_ref(),
-        );
+        let discovery = raw
+            .discovery
+            .as_ref()
+            .and_then(|discovery| self.discovery(&key, name, discovery, default_max_connections));
+        let backends = match (&raw.backends, &raw.discovery) {
+            // Backends come from the source, once the server runs.
+            (None, Some(_)) => Vec::new(),
+            (Some(listed), Some(_)) => {
+                let message = format!(
+                    "`backends` and [{key}.discovery] are both set; a pool's backends are either \
+                     listed or discovered"
+                );
+                self.report(&format!("{key}.backends"), Some(listed.span()), message);
+                Vec::new()
+            }
+            (listed, None) => self.backends(
+                &key,
+                name,
+                listed.as_ref(),
+                default_max_connections,
+                ca.as_ref(),
+            ),
+        };
 
         let mut trusted_proxies = Vec::new();
         for (i, proxy) in raw.trusted_proxies.iter().flatten().enumerate() {
@@ -789,6 +809,7 @@ impl Checker<'_> {
             // Only read when there are no errors, and then the strategy is known.
             strategy: strategy.unwrap_or(StrategyKind::RoundRobin),
             backends,
+            discovery,
             cookie,
             trusted_proxies,
             drain_timeout,
@@ -899,6 +920,241 @@ impl Checker<'_> {
                 }
             }
         }
+    }
+
+    /// `[pools.NAME.discovery]`: one source and the keys that apply to it. Nothing is contacted
+    /// here, so `check` and a reload work while the source is down. `None` after an error that
+    /// leaves no source.
+    fn discovery(
+        &mut self,
+        pool_key: &str,
+        pool_name: &Spanned<String>,
+        raw: &RawDiscovery,
+        max_connections: Option<u32>,
+    ) -> Option<DiscoveryConfig> {
+        let key = format!("{pool_key}.discovery");
+        // The table itself has no span; point at its first key, else at the pool.
+        let anchor = [&raw.dns, &raw.dns_srv, &raw.resolver, &raw.interval]
+            .into_iter()
+            .flatten()
+            .map(Spanned::span)
+            .chain(raw.etcd.iter().flat_map(|etcd| {
+                let endpoints = etcd.endpoints.as_ref().map(Spanned::span);
+                let prefix = etcd.prefix.as_ref().map(Spanned::span);
+                endpoints.into_iter().chain(prefix)
+            }))
+            .chain(raw.weight.as_ref().map(Spanned::span))
+            .chain(raw.allow_empty.as_ref().map(Spanned::span))
+            .min_by_key(|span| span.start)
+            .unwrap_or_else(|| pool_name.span());
+        let allow_empty = raw.allow_empty.as_ref().is_some_and(|b| *b.get_ref());
+
+        let mut named: Vec<&str> = Vec::new();
+        if raw.dns.is_some() {
+            named.push("dns");
+        }
+        if raw.dns_srv.is_some() {
+            named.push("dns_srv");
+        }
+        if raw.etcd.is_some() {
+            named.push("etcd");
+        }
+        match named.as_slice() {
+            [] => {
+                let message =
+                    "a discovery table needs one source: `dns`, `dns_srv` or `etcd`".to_owned();
+                self.report(&key, Some(anchor), message);
+                return None;
+            }
+            [_] => {}
+            [first, second, ..] => {
+                let message = format!(
+                    "`{first}` and `{second}` are both set; a pool has one discovery source"
+                );
+                self.report(&format!("{key}.{second}"), Some(anchor), message);
+                return None;
+            }
+        }
+
+        if let Some(etcd) = &raw.etcd {
+            // Keys that only DNS reads are mistakes next to etcd, not settings to ignore.
+            for (name, span) in [
+                ("resolver", raw.resolver.as_ref().map(Spanned::span)),
+                ("interval", raw.interval.as_ref().map(Spanned::span)),
+                ("weight", raw.weight.as_ref().map(Spanned::span)),
+            ] {
+                if let Some(span) = span {
+                    let message = format!(
+                        "`{name}` applies to DNS discovery; etcd is watched, and each key's value \
+                         holds its backend's weight"
+                    );
+                    self.report(&format!("{key}.{name}"), Some(span), message);
+                }
+            }
+            let etcd = self.etcd(&key, etcd, anchor)?;
+            return Some(DiscoveryConfig {
+                source: DiscoverySource::Etcd(etcd),
+                allow_empty,
+                max_connections,
+            });
+        }
+
+        let resolver = raw.resolver.as_ref().and_then(|resolver| {
+            let text = resolver.get_ref();
+            let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
+                text.parse::<IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, DNS_PORT))
+            });
+            if parsed.is_none() {
+                let message = format!(
+                    "`{text}` is not an IP or IP:port address of a DNS server (port 53 if left out)"
+                );
+                self.report(&format!("{key}.resolver"), Some(resolver.span()), message);
+            }
+            parsed
+        });
+        let interval = raw
+            .interval
+            .as_ref()
+            .and_then(|value| self.duration(&format!("{key}.interval"), value))
+            .unwrap_or(DEFAULT_DISCOVERY_INTERVAL);
+        let query = if let Some(dns) = &raw.dns {
+            let weight = raw.weight.as_ref().map_or(Some(DEFAULT_WEIGHT), |weight| {
+                self.count(&format!("{key}.weight"), weight, 1, MAX_WEIGHT)
+            });
+            let address = self.dns_name_and_port(&format!("{key}.dns"), dns);
+            let (name, port) = address?;
+            DnsQuery::Address {
+                name,
+                port,
+                weight: weight?,
+            }
+        } else {
+            let srv = raw.dns_srv.as_ref()?;
+            if let Some(weight) = &raw.weight {
+                let message =
+                    "`weight` applies to `dns`; SRV records carry their own weights".to_owned();
+                self.report(&format!("{key}.weight"), Some(weight.span()), message);
+            }
+            let name = srv.get_ref().to_ascii_lowercase();
+            if !is_dns_name(&name) {
+                let message = format!(
+                    "`{}` is not a DNS name; write the SRV name, e.g. \"_http._tcp.app.internal\"",
+                    srv.get_ref()
+                );
+                self.report(&format!("{key}.dns_srv"), Some(srv.span()), message);
+                return None;
+            }
+            DnsQuery::Srv { name }
+        };
+        Some(DiscoveryConfig {
+            source: DiscoverySource::Dns(DnsDiscovery {
+                query,
+                resolver,
+                interval,
+            }),
+            allow_empty,
+            max_connections,
+        })
+    }
+
+    /// `dns = "NAME:PORT"`.
+    fn dns_name_and_port(&mut self, key: &str, raw: &Spanned<String>) -> Option<(String, u16)> {
+        let text = raw.get_ref();
+        let bad = |detail: &str| format!("`{text}` is not a NAME:PORT to resolve: {detail}");
+        let Some((name, port)) = text.rsplit_once(':') else {
+            let message = bad("the port is missing (e.g. \"app.internal:8080\")");
+            self.report(key, Some(raw.span()), message);
+            return None;
+        };
+        let port = match port.parse::<u16>() {
+            Ok(port) if port != 0 => port,
+            _ => {
+                let message = bad("the port must be a number from 1 to 65535");
+                self.report(key, Some(raw.span()), message);
+                return None;
+            }
+        };
+        let name = name.to_ascii_lowercase();
+        if name.parse::<IpAddr>().is_ok() || name.starts_with('[') {
+            let message = bad("an IP address needs no discovery; list it in `backends`");
+            self.report(key, Some(raw.span()), message);
+            return None;
+        }
+        if !is_dns_name(&name) {
+            self.report(key, Some(raw.span()), bad("the name is not a DNS name"));
+            return None;
+        }
+        Some((name, port))
+    }
+
+    /// `etcd = { endpoints, prefix }`. Builds without the `etcd` feature reject it: a pool that
+    /// could never find a backend is a config error, not a silent empty pool.
+    fn etcd(&mut self, key: &str, raw: &RawEtcd, anchor: Range<usize>) -> Option<EtcdDiscovery> {
+        let key = format!("{key}.etcd");
+        let mut endpoints = Vec::new();
+        match &raw.endpoints {
+            None => {
+                let message = "`endpoints` is required: the etcd URLs, e.g. \
+                               [\"http://127.0.0.1:2379\"]"
+                    .to_owned();
+                self.report(&format!("{key}.endpoints"), Some(anchor.clone()), message);
+            }
+            Some(list) if list.get_ref().is_empty() => {
+                let message = "`endpoints` needs at least one etcd URL".to_owned();
+                self.report(&format!("{key}.endpoints"), Some(list.span()), message);
+            }
+            Some(list) => {
+                for (i, endpoint) in list.get_ref().iter().enumerate() {
+                    let text = endpoint.get_ref();
+                    let valid = text
+                        .parse::<http::Uri>()
+                        .ok()
+                        .filter(|uri| uri.scheme_str() == Some("http"))
+                        .filter(|uri| uri.port_u16().is_some())
+                        .filter(|uri| uri.host().is_some_and(|h| !h.is_empty()))
+                        .is_some_and(|uri| uri.path() == "/" && uri.query().is_none());
+                    if valid {
+                        endpoints.push(text.trim_end_matches('/').to_owned());
+                    } else {
+                        let message = format!(
+                            "`{text}` is not an etcd endpoint: write http://HOST:PORT (TLS to etcd \
+                             is not supported)"
+                        );
+                        let key = format!("{key}.endpoints[{i}]");
+                        self.report(&key, Some(endpoint.span()), message);
+                    }
+                }
+            }
+        }
+        let prefix = match &raw.prefix {
+            None => {
+                let message =
+                    "`prefix` is required: the key prefix under which each key is one backend"
+                        .to_owned();
+                self.report(&format!("{key}.prefix"), Some(anchor.clone()), message);
+                None
+            }
+            Some(prefix) if prefix.get_ref().is_empty() => {
+                let message =
+                    "`prefix` must not be empty: it would take every key in etcd".to_owned();
+                self.report(&format!("{key}.prefix"), Some(prefix.span()), message);
+                None
+            }
+            Some(prefix) => Some(prefix.get_ref().clone()),
+        };
+        if !cfg!(feature = "etcd") {
+            let message = "this switchyard was built without etcd support; build it with \
+                           `--features etcd`"
+                .to_owned();
+            self.report(&key, Some(anchor), message);
+            return None;
+        }
+        Some(EtcdDiscovery {
+            endpoints,
+            prefix: prefix?,
+        })
     }
 
     fn health(&mut self, key: &str, raw: &RawHealth) -> HealthConfig {
@@ -1040,7 +1296,9 @@ impl Checker<'_> {
         let key = format!("{pool_key}.backends");
         // Built for the first https backend, shared by the others.
         let mut clients: Option<ClientConfigs> = None;
-        let needed = "a pool needs at least one backend".to_owned();
+        let needed = format!(
+            "a pool needs at least one backend, or a [{pool_key}.discovery] table to find them"
+        );
         let Some(raw) = raw else {
             self.report(&key, Some(name.span()), needed);
             return Vec::new();
@@ -1595,6 +1853,20 @@ fn key_segment(key: &str) -> String {
     } else {
         format!("{key:?}")
     }
+}
+
+/// A DNS name as a resolver takes it: dot-separated labels of letters, digits, `-` and `_` (SRV
+/// names start with `_`), 1 to 63 bytes each and 253 in all, with an optional final dot.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// RFC 6265 `cookie-name`, which is an RFC 2616 `token`.
@@ -3235,5 +3507,179 @@ backends = [
                 .starts_with("/nonexistent/switchyard/proxy.toml: cannot read the config file: "),
             "{error}"
         );
+    }
+
+    /// A one-pool config whose pool has `pool_keys` and the discovery table `discovery`.
+    fn discovered(pool_keys: &str, discovery: &str) -> String {
+        format!(
+            "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[pools.app]\nstrategy = \"ip_hash\"\n\
+             {pool_keys}\n[pools.app.discovery]\n{discovery}\n"
+        )
+    }
+
+    #[test]
+    fn discovery_defaults_and_each_source() {
+        let config = check(&discovered(
+            "max_connections = 7",
+            "dns = \"App.Internal:8080\"",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pool = &config.pools["app"];
+        assert!(
+            pool.backends.is_empty(),
+            "nothing is resolved by validation"
+        );
+        let discovery = pool.discovery.as_ref().unwrap();
+        assert!(!discovery.allow_empty);
+        assert_eq!(discovery.max_connections, Some(7));
+        assert_eq!(
+            discovery.source,
+            DiscoverySource::Dns(DnsDiscovery {
+                query: DnsQuery::Address {
+                    name: "app.internal".into(),
+                    port: 8080,
+                    weight: 1,
+                },
+                resolver: None,
+                interval: Duration::from_secs(5),
+            })
+        );
+        assert_eq!(discovery.source.describe(), "dns app.internal:8080");
+
+        let config = check(&discovered(
+            "",
+            "dns_srv = \"_http._tcp.app.internal\"\nresolver = \"127.0.0.1\"\ninterval = \"250ms\"\n\
+             allow_empty = true",
+        ))
+        .unwrap();
+        let discovery = config.pools["app"].discovery.clone().unwrap();
+        assert!(discovery.allow_empty);
+        let DiscoverySource::Dns(dns) = discovery.source else {
+            panic!("{discovery:?}")
+        };
+        assert_eq!(dns.resolver, Some("127.0.0.1:53".parse().unwrap()));
+        assert_eq!(dns.interval, Duration::from_millis(250));
+        assert_eq!(
+            dns.query,
+            DnsQuery::Srv {
+                name: "_http._tcp.app.internal".into()
+            }
+        );
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_discovery_is_read_when_the_feature_is_on() {
+        let config = check(&discovered(
+            "",
+            "etcd = { endpoints = [\"http://127.0.0.1:2379/\"], prefix = \"/switchyard/app/\" }",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let source = &config.pools["app"].discovery.as_ref().unwrap().source;
+        assert_eq!(
+            *source,
+            DiscoverySource::Etcd(EtcdDiscovery {
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+                prefix: "/switchyard/app/".into(),
+            })
+        );
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    #[test]
+    fn etcd_discovery_needs_the_feature() {
+        let text = discovered(
+            "",
+            "etcd = { endpoints = [\"http://127.0.0.1:2379\"], prefix = \"/switchyard/app/\" }",
+        );
+        let error = only_error(&text, "pools.app.discovery.etcd", Some(8));
+        assert!(error.message.contains("--features etcd"), "{error}");
+    }
+
+    #[test]
+    fn discovery_errors_name_their_keys() {
+        // Both a list and a source.
+        let text = discovered(
+            "backends = [{ address = \"127.0.0.1:9001\" }]",
+            "dns = \"app.internal:80\"",
+        );
+        let error = only_error(&text, "pools.app.backends", Some(6));
+        assert!(error.message.contains("either"), "{error}");
+        // Neither.
+        let text =
+            "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.app]\nstrategy = \"round_robin\"\n";
+        let error = only_error(text, "pools.app.backends", Some(3));
+        assert!(error.message.contains("[pools.app.discovery]"), "{error}");
+        // No source, two sources.
+        let error = only_error(
+            &discovered("", "allow_empty = true"),
+            "pools.app.discovery",
+            Some(8),
+        );
+        assert!(error.message.contains("one source"), "{error}");
+        only_error(
+            &discovered(
+                "",
+                "dns = \"a.internal:80\"\ndns_srv = \"_http._tcp.a.internal\"",
+            ),
+            "pools.app.discovery.dns_srv",
+            Some(8),
+        );
+        // Malformed values.
+        for (value, why) in [
+            ("app.internal", "port is missing"),
+            ("app.internal:0", "1 to 65535"),
+            ("10.0.0.1:80", "list it in `backends`"),
+            ("bad name!:80", "not a DNS name"),
+        ] {
+            let text = discovered("", &format!("dns = \"{value}\""));
+            let error = only_error(&text, "pools.app.discovery.dns", Some(8));
+            assert!(error.message.contains(why), "{value}: {error}");
+        }
+        only_error(
+            &discovered("", "dns = \"a.internal:80\"\nweight = 0"),
+            "pools.app.discovery.weight",
+            Some(9),
+        );
+        only_error(
+            &discovered("", "dns = \"a.internal:80\"\nresolver = \"dns.internal\""),
+            "pools.app.discovery.resolver",
+            Some(9),
+        );
+        only_error(
+            &discovered("", "dns = \"a.internal:80\"\ninterval = \"0s\""),
+            "pools.app.discovery.interval",
+            Some(9),
+        );
+        let error = only_error(
+            &discovered("", "dns_srv = \"_http._tcp.a.internal\"\nweight = 2"),
+            "pools.app.discovery.weight",
+            Some(9),
+        );
+        assert!(error.message.contains("SRV"), "{error}");
+        // etcd: DNS keys next to it, a bad endpoint, no prefix (with or without the feature, the
+        // shape is checked first).
+        let text = discovered(
+            "",
+            "etcd = { endpoints = [\"https://10.0.0.1:2379\"] }\ninterval = \"1s\"",
+        );
+        let errors = check(&text).unwrap_err();
+        let keys: Vec<&str> = errors.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"pools.app.discovery.interval"), "{errors}");
+        assert!(
+            keys.contains(&"pools.app.discovery.etcd.endpoints[0]"),
+            "{errors}"
+        );
+        assert!(
+            keys.contains(&"pools.app.discovery.etcd.prefix"),
+            "{errors}"
+        );
+        // An unknown key in the table.
+        let error = only_error(
+            &discovered("", "dns = \"a.internal:80\"\nttl = \"5s\""),
+            "pools.app.discovery.ttl",
+            Some(9),
+        );
+        assert!(error.message.contains("unknown key `ttl`"), "{error}");
     }
 }

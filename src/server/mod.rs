@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::config::{Config, ListenerConfig, Timeouts};
+use crate::discovery::Discovery;
 use crate::health::active::Checks;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ConnInfo, HttpsRedirect};
@@ -48,6 +49,10 @@ const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// Streams the server may reset because the client broke the protocol on them before the
 /// connection gets GOAWAY: the "MadeYouReset" variant (CVE-2025-8671).
 const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+
+/// How long a starting server waits for its discovery sources' first answers before it accepts
+/// connections (already bound, they wait in the kernel's queue meanwhile).
+const FIRST_ANSWERS_WAIT: Duration = Duration::from_secs(5);
 
 /// What a listening socket serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -95,11 +100,16 @@ pub struct Server {
     pub(crate) file_reload_lock: tokio::sync::Mutex<()>,
     /// Active health checkers, one per checked backend address.
     pub(crate) health_checks: Checks,
+    /// Discovery tasks and the membership they found, one per discovered pool.
+    pub(crate) discovery: Discovery,
 }
 
 impl Server {
     /// Binds every listener of `config` (and the admin listener) and starts serving. Fails,
     /// binding nothing, if any address cannot be bound.
+    ///
+    /// Pools with `[discovery]` start empty; connections are accepted once every source has
+    /// answered (or failed) once, or after 5 seconds, whichever comes first.
     pub async fn start(config: Config) -> std::io::Result<Arc<Server>> {
         let bound = bind_all(&wanted_listeners(&config)).await?;
         let server = Arc::new(Server {
@@ -110,11 +120,27 @@ impl Server {
             reload_lock: tokio::sync::Mutex::new(()),
             file_reload_lock: tokio::sync::Mutex::new(()),
             health_checks: Checks::default(),
+            discovery: Discovery::default(),
         });
         server.metrics().loaded();
+        server.reconcile_discovery();
+        if !server.discovery.first_answers(FIRST_ANSWERS_WAIT).await {
+            tracing::warn!(
+                "discovery: not every source answered within {}s; serving anyway, their pools \
+                 fill when they answer",
+                FIRST_ANSWERS_WAIT.as_secs()
+            );
+        }
         server.adopt_listeners(bound);
         server.reconcile_health_checks();
         Ok(server)
+    }
+
+    /// Starts, stops and restarts discovery tasks to match the current config.
+    pub(crate) fn reconcile_discovery(self: &Arc<Self>) {
+        let config = Arc::clone(&self.shared.snapshot.load().config);
+        self.discovery
+            .reconcile(self, &config, &self.shared.metrics, &self.shutdown);
     }
 
     /// Starts and stops health checkers to match the current config.

@@ -221,6 +221,14 @@ pub enum Error {
     /// The config has no pools.
     #[error("the config has no pools to simulate")]
     NoPools,
+    /// The pool's backends come from discovery, which a simulation does not contact.
+    #[error(
+        "pool `{pool}` finds its backends by discovery; simulate a pool with a `backends` list"
+    )]
+    Discovered {
+        /// The pool.
+        pool: String,
+    },
     /// Fewer requests than clients: every client makes at least one.
     #[error("--requests ({requests}) must be at least --clients ({clients}): every client makes at least one request")]
     TooFewRequests {
@@ -413,6 +421,11 @@ pub struct Series {
 /// Runs the simulation of `args` on `config`: one run per strategy, each on the same workload.
 pub fn run(config: &Config, args: &SimulateArgs) -> Result<Report, Error> {
     let pool = pick_pool(config, args.pool.as_deref())?;
+    if pool.discovery.is_some() {
+        return Err(Error::Discovered {
+            pool: pool.name.clone(),
+        });
+    }
     if args.duration.is_zero() {
         return Err(Error::ZeroDuration);
     }

@@ -2,12 +2,14 @@
 //! ports, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod dns;
+pub mod fleet;
 pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,6 +37,160 @@ pub async fn apps(n: usize) -> Vec<AppServer> {
         apps.push(app);
     }
     apps
+}
+
+/// Starts `n` app servers named app1..appN on one port at 127.0.0.2, 127.0.0.3, ... (Linux routes
+/// all of 127.0.0.0/8 to loopback), as DNS A records can name them: addresses differ, the port
+/// is shared.
+pub async fn apps_on_loopback_ips(n: usize) -> (Vec<AppServer>, u16) {
+    'attempt: for _ in 0..50 {
+        let first = AppServer::start("127.0.0.2:0".parse().unwrap(), "app1")
+            .await
+            .expect("app server starts");
+        let port = first.addr().port();
+        let mut apps = vec![first];
+        for i in 1..n {
+            let addr = SocketAddr::from(([127, 0, 0, 2 + i as u8], port));
+            match AppServer::start(addr, &format!("app{}", i + 1)).await {
+                Ok(app) => apps.push(app),
+                // Taken on that address: try another port.
+                Err(_) => continue 'attempt,
+            }
+        }
+        return (apps, port);
+    }
+    panic!("no port free on 127.0.0.2..{} after 50 tries", 1 + n);
+}
+
+/// `GET /status` from an admin listener, as JSON.
+pub async fn status(admin: SocketAddr) -> serde_json::Value {
+    let reply = get(admin, "/status", &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    serde_json::from_str(&reply.body).expect("status is JSON")
+}
+
+/// Pool `name` of a `/status` document.
+pub fn pool_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["pools"]
+        .as_array()
+        .expect("pools is a list")
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no pool {name} in {status}"))
+}
+
+/// The `(address, weight, state)` of every backend `/status` lists for pool `name`, sorted.
+pub async fn members(admin: SocketAddr, name: &str) -> Vec<(String, u64, String)> {
+    let status = status(admin).await;
+    let mut members: Vec<(String, u64, String)> = pool_status(&status, name)["backends"]
+        .as_array()
+        .expect("backends is a list")
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_owned(),
+                b["weight"].as_u64().unwrap(),
+                b["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    members.sort();
+    members
+}
+
+/// The addresses of pool `name`'s active backends, sorted.
+pub async fn active(admin: SocketAddr, name: &str) -> Vec<String> {
+    members(admin, name)
+        .await
+        .into_iter()
+        .filter(|(_, _, state)| state == "active")
+        .map(|(address, _, _)| address)
+        .collect()
+}
+
+/// Polls `/status` until pool `name`'s active backends are `expected` (any order); panics
+/// after `within`, naming what it saw. Returns how long it took.
+pub async fn wait_for_active(
+    admin: SocketAddr,
+    name: &str,
+    expected: &[SocketAddr],
+    within: Duration,
+) -> Duration {
+    let mut expected: Vec<String> = expected.iter().map(|a| a.to_string()).collect();
+    expected.sort();
+    let started = tokio::time::Instant::now();
+    loop {
+        let now = active(admin, name).await;
+        if now == expected {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "pool {name}: active {now:?}, never {expected:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The value of the first series of `/metrics` whose line starts with `series`.
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let reply = get(admin, "/metrics", &[]).await;
+    reply.body.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Clients sending requests until `stop`; counts successes and failures (printing each).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(proxy: SocketAddr, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let tasks = (0..clients)
+            .map(|c| {
+                let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+                tokio::spawn(async move {
+                    let client = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        let reply = send(&client, proxy, "GET", "/", &[], Bytes::new()).await;
+                        if reply.status == 200 {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("client {c}: {} {}", reply.status, reply.body);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    /// Stops the clients; (succeeded, failed).
+    pub async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// A `backends = [...]` list for the given addresses and weights.
@@ -263,6 +419,16 @@ impl ProxyProcess {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// The admin listener's address, from the process's `admin listening` log line.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let log = self.log();
+        log.lines()
+            .find_map(|l| l.split("admin=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.trim_matches('"').parse().ok())
+            .unwrap_or_else(|| panic!("no admin listening line in:\n{log}"))
     }
 
     /// What the process logged so far.
