@@ -199,6 +199,15 @@ impl ReloadReport {
     }
 }
 
+/// Says what `secret = "generate"` costs, once per key drawn.
+pub(crate) fn warn_generated_secret(pool: &str) {
+    tracing::warn!(
+        pool,
+        "cookie secret generated at random: affinity cookies will not survive a restart and \
+         other switchyard instances will not accept them; set `secret` or `secret_env` to share one"
+    );
+}
+
 /// Addresses whose TLS settings differ between `old` and `new` (both naming them).
 fn tls_changed(old: &Config, new: &Config) -> Vec<SocketAddr> {
     let settings = |config: &Config| -> BTreeMap<SocketAddr, Option<UpstreamTls>> {
@@ -342,9 +351,10 @@ impl Server {
     /// Applies a validated config: binds new listeners (or fails, changing nothing), drains
     /// backends that left every pool, re-activates ones that came back, swaps the snapshot, then
     /// stops listeners that were removed.
-    pub async fn reload(self: &Arc<Self>, config: Config) -> Result<ReloadReport, ReloadError> {
+    pub async fn reload(self: &Arc<Self>, mut config: Config) -> Result<ReloadReport, ReloadError> {
         let _serialised = self.reload_lock.lock().await;
         let old = self.shared().snapshot.load_full();
+        let fresh_secrets = config.keep_generated_secrets(&old.config);
         let report = ReloadReport::between(&old.config, &config);
         let path = config.path.clone();
         let bind_error = |source| ReloadError::Bind {
@@ -415,6 +425,9 @@ impl Server {
         self.stop_removed_listeners();
         self.metrics().reload_succeeded();
         tracing::info!(changes = %report, "config reloaded");
+        for pool in &fresh_secrets {
+            warn_generated_secret(pool);
+        }
         Ok(report)
     }
 

@@ -95,7 +95,8 @@ impl CookieAffinity {
             .secrets
             .iter()
             .map(|secret| {
-                let mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+                let mac = HmacSha256::new_from_slice(secret.expose())
+                    .expect("HMAC takes any key length");
                 let member_ids: Vec<u64> = members
                     .iter()
                     .map(|m| backend_id(&mac, &m.spec.address.to_string()))
@@ -320,12 +321,13 @@ mod tests {
     use super::*;
     use crate::balance::testing::{facts, members};
     use crate::balance::RoundRobin;
-    use crate::config::StrategyKind;
+    use crate::config::{Secret, StrategyKind};
 
     fn config(secrets: &[&str]) -> CookieConfig {
         CookieConfig {
             name: "sy".into(),
-            secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            secrets: secrets.iter().map(|s| Secret::new(s.as_bytes())).collect(),
+            generated: false,
             fallback: StrategyKind::RoundRobin,
             max_age: None,
             secure: false,
