@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
 use ipnet::IpNet;
 
 /// Headers that never cross the proxy in either direction, `Upgrade` and the headers `Connection`
@@ -133,6 +134,36 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         }
     }
     client
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, and any request with more than one `Host`
+/// line or a `Host` that is not `host[:port]`, is refused (`400`). An absolute-form target does
+/// not excuse a missing `Host`; it does take precedence over one (see [`request_host`]).
+pub fn check_host(version: Version, headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Err("more than one Host header"),
+        (None, _) if version == Version::HTTP_11 => Err("missing Host header"),
+        (Some(host), _) if !is_host(host.as_bytes()) => Err("invalid Host header"),
+        _ => Ok(()),
+    }
+}
+
+/// `uri-host [ ":" port ]`, or empty (RFC 9112 §3.2 lets a target without authority send that).
+fn is_host(value: &[u8]) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    if value.contains(&b'@') || http::uri::Authority::try_from(value).is_err() {
+        return false;
+    }
+    // `Authority` takes any text after the colon; a port is digits (RFC 3986 §3.2.3).
+    match value.iter().rposition(|&b| b == b':') {
+        Some(colon) if !value[colon..].contains(&b']') => {
+            value[colon + 1..].iter().all(u8::is_ascii_digit)
+        }
+        _ => true,
+    }
 }
 
 /// The host a request is addressed to, without a port: the URI's authority (HTTP/2, absolute form)
@@ -271,6 +302,30 @@ mod tests {
             client_ip("10.0.0.1".parse().unwrap(), &h, &[]),
             "10.0.0.1".parse::<IpAddr>().unwrap()
         );
+    }
+
+    #[test]
+    fn host_must_be_one_valid_authority() {
+        let with = |hosts: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for host in hosts {
+                h.append(header::HOST, HeaderValue::from_static(host));
+            }
+            h
+        };
+        let v11 = Version::HTTP_11;
+        assert_eq!(check_host(v11, &with(&["a.example:8080"])), Ok(()));
+        assert_eq!(check_host(v11, &with(&["[::1]:80"])), Ok(()));
+        assert_eq!(check_host(v11, &with(&[""])), Ok(()));
+        assert_eq!(check_host(v11, &with(&[])), Err("missing Host header"));
+        assert_eq!(check_host(Version::HTTP_10, &with(&[])), Ok(()));
+        assert_eq!(check_host(Version::HTTP_2, &with(&[])), Ok(()));
+        let two = with(&["a.example", "b.example"]);
+        assert_eq!(check_host(v11, &two), Err("more than one Host header"));
+        assert_eq!(check_host(Version::HTTP_10, &two), Err("more than one Host header"));
+        for bad in ["a b", "a.example/x", "user@a.example", "a.example:port"] {
+            assert_eq!(check_host(v11, &with(&[bad])), Err("invalid Host header"), "{bad}");
+        }
     }
 
     #[test]
