@@ -15,7 +15,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 
-pub use body::{Finish, ProxyBody};
+pub use body::{BodyWatch, Finish, ProxyBody};
 pub use redirect::HttpsRedirect;
 
 use crate::backend::{SendError, UpstreamBody};
@@ -278,7 +278,12 @@ async fn forward(
         {
             Ok((mut response, pooled)) => {
                 let status = response.status();
-                health::observe(shared, pool, choice.index, status.is_server_error());
+                // A 5xx is a failure at once, a switch of protocols a success; any other answer
+                // counts when its body has ended, whole or not (see `BodyWatch`).
+                let settled = status.is_server_error() || status.is_informational();
+                if settled {
+                    health::observe(shared, pool, choice.index, status.is_server_error());
+                }
                 if matches!(
                     status,
                     StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
@@ -335,6 +340,8 @@ async fn forward(
                 let finish = Finish {
                     guard,
                     conn: Some(pooled),
+                    watch: (!settled)
+                        .then(|| BodyWatch::new(shared, snapshot, pool_index, choice.index)),
                 };
                 return Ok(response.map(|body| {
                     if body.is_end_stream() {
