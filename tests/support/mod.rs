@@ -602,10 +602,11 @@ pub async fn raw_exchange_closed(addr: SocketAddr, request: &[u8]) -> (String, b
     (String::from_utf8_lossy(&response).into_owned(), closed)
 }
 
-/// The status code of the first response in `answer` (raw HTTP/1.1 text), or 0.
+/// The status code of the first response in `answer` (raw HTTP/1.x text), or 0.
 pub fn status_of(answer: &str) -> u16 {
     answer
         .strip_prefix("HTTP/1.1 ")
+        .or_else(|| answer.strip_prefix("HTTP/1.0 "))
         .and_then(|rest| rest.get(..3))
         .and_then(|code| code.parse().ok())
         .unwrap_or(0)
