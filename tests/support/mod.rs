@@ -210,6 +210,11 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts `switchyard --config <file>` and waits for it to log its listening address.
     pub fn start(config_path: &Path) -> ProxyProcess {
+        ProxyProcess::start_logging(config_path, "info")
+    }
+
+    /// [`ProxyProcess::start`] with `RUST_LOG` set to `rust_log`.
+    pub fn start_logging(config_path: &Path, rust_log: &str) -> ProxyProcess {
         // One log per process: two processes may share a config file.
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
@@ -218,7 +223,7 @@ impl ProxyProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .arg("--config")
             .arg(config_path)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -263,6 +268,17 @@ impl ProxyProcess {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// The admin listener's address, from the text log (`admin=ADDR`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        let log = self.log();
+        log.lines()
+            .find(|l| l.contains("admin listening"))
+            .and_then(|l| l.split("admin=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no admin listening line in:\n{log}"))
     }
 
     /// What the process logged so far.
