@@ -22,8 +22,8 @@ use toml::Spanned;
 use rustls_pki_types::{CertificateDer, ServerName};
 
 use super::raw::{
-    RawAdmin, RawBackend, RawCertificate, RawConfig, RawCookie, RawHealth, RawListener, RawPassive,
-    RawLimits, RawPool, RawRoute, RawSecret, RawTimeouts,
+    RawAdmin, RawBackend, RawCertificate, RawConfig, RawCookie, RawHealth, RawLimits, RawListener,
+    RawPassive, RawPool, RawRoute, RawSecret, RawTimeouts,
 };
 use super::{
     AdminConfig, BackendSpec, CertificateConfig, Config, CookieConfig, DrainSticky, HealthConfig,
@@ -3381,5 +3381,289 @@ backends = [
                 .starts_with("/nonexistent/switchyard/proxy.toml: cannot read the config file: "),
             "{error}"
         );
+    }
+
+    mod properties {
+        //! The loader under arbitrary input: any text, a valid file with a few bytes changed, or
+        //! any structure of the file's own keys with values of any type. It answers a config or
+        //! errors, never a panic, and every error has a key or a place.
+        use proptest::prelude::*;
+        use toml::value::{Table, Value};
+
+        use super::*;
+
+        fn load(text: &str) {
+            let result = parse_with_env(text, Path::new("proxy.toml"), &|_| None);
+            if let Err(errors) = result {
+                assert!(!errors.0.is_empty());
+                for error in &errors.0 {
+                    let shown = error.to_string();
+                    assert!(shown.starts_with("proxy.toml"), "{shown}");
+                    if let Some(line) = error.line {
+                        assert!(
+                            line >= 1 && line <= text.lines().count().max(1) + 1,
+                            "{shown}"
+                        );
+                    }
+                }
+            }
+        }
+
+        /// A string as the file might hold one: plausible values (no host names, which would be
+        /// resolved, and no paths outside the working directory), or any short text.
+        fn string() -> impl Strategy<Value = Value> {
+            let words = prop::sample::select(vec![
+                "127.0.0.1:0",
+                "127.0.0.1:9001",
+                "[::1]:80",
+                "https://127.0.0.1:1",
+                "round_robin",
+                "least_connections",
+                "ip_hash",
+                "cookie",
+                "generate",
+                "5s",
+                "0s",
+                "250ms",
+                "24h",
+                "/",
+                "/api",
+                "200-399",
+                "200,204",
+                "keep",
+                "move",
+                "json",
+                "text",
+                "10.0.0.0/8",
+                "0123456789abcdef",
+                "app",
+                "",
+                "*.example.com",
+            ]);
+            prop_oneof![
+                3 => words.prop_map(|w| Value::String(w.to_owned())),
+                1 => "[a-z0-9:. _-]{0,12}".prop_map(Value::String),
+            ]
+        }
+
+        /// Any value but a table or a list.
+        fn leaf() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                string(),
+                any::<i64>().prop_map(Value::Integer),
+                any::<f64>().prop_map(Value::Float),
+                any::<bool>().prop_map(Value::Boolean),
+            ]
+        }
+
+        /// What a key holds.
+        #[derive(Clone, Copy)]
+        enum Kind {
+            Str,
+            Int,
+            Float,
+            Flag,
+            /// A list of strings.
+            Strs,
+            /// A string or a list of strings (`secret`).
+            OneOrMore,
+            /// A table of these keys.
+            Of(&'static [(&'static str, Kind)]),
+            /// A list of tables of these keys (`[[listeners]]`, `backends`).
+            Many(&'static [(&'static str, Kind)]),
+        }
+
+        use Kind::*;
+
+        const TLS: &[(&str, Kind)] = &[("cert", Str), ("key", Str)];
+        const CERTIFICATE: &[(&str, Kind)] = &[("cert", Str), ("key", Str), ("server_names", Strs)];
+        const LISTENER: &[(&str, Kind)] = &[
+            ("listen", Str),
+            ("tls", Of(TLS)),
+            ("certificates", Many(CERTIFICATE)),
+            ("redirect_https", Flag),
+        ];
+        const ROUTE: &[(&str, Kind)] = &[("host", Str), ("path_prefix", Str), ("pool", Str)];
+        const BACKEND: &[(&str, Kind)] =
+            &[("address", Str), ("weight", Int), ("max_connections", Int)];
+        const COOKIE: &[(&str, Kind)] = &[
+            ("name", Str),
+            ("secret", OneOrMore),
+            ("secret_env", Str),
+            ("fallback", Str),
+            ("max_age", Str),
+            ("secure", Flag),
+        ];
+        const HEALTH: &[(&str, Kind)] = &[
+            ("path", Str),
+            ("host", Str),
+            ("interval", Str),
+            ("timeout", Str),
+            ("unhealthy_threshold", Int),
+            ("healthy_threshold", Int),
+            ("expected_status", Str),
+        ];
+        const PASSIVE: &[(&str, Kind)] = &[
+            ("enabled", Flag),
+            ("consecutive_failures", Int),
+            ("ejection_time", Str),
+            ("max_ejection_time", Str),
+            ("max_ejected_percent", Int),
+        ];
+        const POOL: &[(&str, Kind)] = &[
+            ("strategy", Str),
+            ("backends", Many(BACKEND)),
+            ("trusted_proxies", Strs),
+            ("drain_timeout", Str),
+            ("drain_sticky", Str),
+            ("cookie", Of(COOKIE)),
+            ("retries", Int),
+            ("slow_start", Str),
+            ("max_connections", Int),
+            ("balance_factor", Float),
+            ("health", Of(HEALTH)),
+            ("passive", Of(PASSIVE)),
+            ("ca", Str),
+        ];
+        const ADMIN_KEYS: &[(&str, Kind)] = &[("listen", Str), ("token", Str), ("token_env", Str)];
+        const TIMEOUTS: &[(&str, Kind)] = &[
+            ("connect", Str),
+            ("response_header", Str),
+            ("client_header", Str),
+            ("idle", Str),
+            ("shutdown", Str),
+            ("upgraded_idle", Str),
+        ];
+        const LIMITS: &[(&str, Kind)] = &[
+            ("max_header_bytes", Int),
+            ("max_headers", Int),
+            ("max_body_bytes", Int),
+            ("max_connections", Int),
+        ];
+
+        /// Mostly a value of the kind the key takes, sometimes any value.
+        fn typed(kind: Kind) -> BoxedStrategy<Value> {
+            let right = match kind {
+                Str => string().boxed(),
+                Int => prop_oneof![(-2i64..70_000), any::<i64>()]
+                    .prop_map(Value::Integer)
+                    .boxed(),
+                Float => prop_oneof![0.5f64..120.0, any::<f64>()]
+                    .prop_map(Value::Float)
+                    .boxed(),
+                Flag => any::<bool>().prop_map(Value::Boolean).boxed(),
+                Strs => prop::collection::vec(typed(Str), 0..4)
+                    .prop_map(Value::Array)
+                    .boxed(),
+                OneOrMore => prop_oneof![typed(Str), typed(Strs)].boxed(),
+                Of(keys) => table(keys),
+                Many(keys) => prop::collection::vec(table(keys), 0..3)
+                    .prop_map(Value::Array)
+                    .boxed(),
+            };
+            prop_oneof![30 => right, 1 => leaf()].boxed()
+        }
+
+        /// A table with some of `keys` (and now and then one it does not take).
+        fn table(keys: &'static [(&'static str, Kind)]) -> BoxedStrategy<Value> {
+            let fields: Vec<_> = keys
+                .iter()
+                .map(|&(key, kind)| {
+                    prop::option::weighted(0.6, typed(kind))
+                        .prop_map(move |v| v.map(|v| (key.to_owned(), v)))
+                })
+                .collect();
+            (fields, prop::option::weighted(0.02, leaf()))
+                .prop_map(|(fields, bogus)| {
+                    let mut table: Table = fields.into_iter().flatten().collect();
+                    if let Some(bogus) = bogus {
+                        table.insert("bogus".to_owned(), bogus);
+                    }
+                    Value::Table(table)
+                })
+                .boxed()
+        }
+
+        /// A whole file shaped like `proxy.toml`, values mostly of the right kinds.
+        fn document() -> impl Strategy<Value = Value> {
+            let pools = prop::collection::btree_map(
+                prop::sample::select(vec!["app", "api", "x"]),
+                table(POOL),
+                0..3,
+            );
+            (
+                prop::option::weighted(0.3, typed(Str)),
+                prop::option::weighted(0.5, table(ADMIN_KEYS)),
+                prop::option::weighted(0.9, typed(Many(LISTENER))),
+                prop::option::weighted(0.7, typed(Many(ROUTE))),
+                pools,
+                prop::option::weighted(0.5, table(TIMEOUTS)),
+                prop::option::weighted(0.5, table(LIMITS)),
+            )
+                .prop_map(
+                    |(log_format, admin, listeners, routes, pools, timeouts, limits)| {
+                        let mut doc = Table::new();
+                        let sections = [
+                            ("log_format", log_format),
+                            ("admin", admin),
+                            ("listeners", listeners),
+                            ("routes", routes),
+                            ("timeouts", timeouts),
+                            ("limits", limits),
+                        ];
+                        for (name, section) in sections {
+                            if let Some(section) = section {
+                                doc.insert(name.to_owned(), section);
+                            }
+                        }
+                        let pools = pools.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                        doc.insert("pools".to_owned(), Value::Table(pools));
+                        Value::Table(doc)
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_text_is_a_config_or_errors(text in any::<String>()) {
+                load(&text);
+            }
+
+            #[test]
+            fn toml_like_text_is_a_config_or_errors(
+                text in r#"(\[{1,2}[a-z.]{0,12}\]{1,2}\n|[a-z_]{1,12} ?= ?("[ -~]{0,10}"|[0-9-]{1,5}|\[\]|\{\}|true)\n){0,12}"#,
+            ) {
+                load(&text);
+            }
+
+            /// The complete example with up to four bytes changed, inserted or removed.
+            #[test]
+            fn a_valid_file_with_a_few_bytes_changed_is_a_config_or_errors(
+                edits in prop::collection::vec((any::<prop::sample::Index>(), 0u8..3, 0x20u8..0x7f), 1..5),
+            ) {
+                let mut bytes = EXAMPLE.as_bytes().to_vec();
+                for (at, kind, byte) in edits {
+                    let at = at.index(bytes.len());
+                    match kind {
+                        0 => bytes[at] = byte,
+                        1 => bytes.insert(at, byte),
+                        _ => {
+                            bytes.remove(at);
+                        }
+                    }
+                }
+                load(&String::from_utf8_lossy(&bytes));
+            }
+
+            #[test]
+            fn any_structure_of_its_keys_is_a_config_or_errors(doc in document()) {
+                let Ok(text) = toml::to_string(&doc) else {
+                    return Ok(());
+                };
+                load(&text);
+            }
+        }
     }
 }

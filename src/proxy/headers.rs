@@ -87,7 +87,8 @@ pub fn set_forwarded(
 ) {
     let mut xff = String::new();
     for v in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(v) = v.to_str() {
+        // An empty header adds no entry (it would be an empty hop in the list).
+        if let Some(v) = v.to_str().ok().map(str::trim).filter(|v| !v.is_empty()) {
             xff.push_str(v);
             xff.push_str(", ");
         }
@@ -322,9 +323,16 @@ mod tests {
         assert_eq!(check_host(Version::HTTP_2, &with(&[])), Ok(()));
         let two = with(&["a.example", "b.example"]);
         assert_eq!(check_host(v11, &two), Err("more than one Host header"));
-        assert_eq!(check_host(Version::HTTP_10, &two), Err("more than one Host header"));
+        assert_eq!(
+            check_host(Version::HTTP_10, &two),
+            Err("more than one Host header")
+        );
         for bad in ["a b", "a.example/x", "user@a.example", "a.example:port"] {
-            assert_eq!(check_host(v11, &with(&[bad])), Err("invalid Host header"), "{bad}");
+            assert_eq!(
+                check_host(v11, &with(&[bad])),
+                Err("invalid Host header"),
+                "{bad}"
+            );
         }
     }
 
@@ -341,5 +349,114 @@ mod tests {
         assert_eq!(request_host(&uri, &h), Some("::1"));
         let abs: http::Uri = "http://b.example:9/x".parse().unwrap();
         assert_eq!(request_host(&abs, &h), Some("b.example"));
+    }
+
+    mod properties {
+        //! `X-Forwarded-For` as a client may write it: any text, any number of headers.
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// An entry: an address, an address with spaces or a port, or garbage.
+        fn entry() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<std::net::Ipv4Addr>().prop_map(|ip| ip.to_string()),
+                any::<std::net::Ipv6Addr>().prop_map(|ip| ip.to_string()),
+                any::<std::net::Ipv4Addr>().prop_map(|ip| format!("  {ip}\t")),
+                any::<std::net::SocketAddr>().prop_map(|a| a.to_string()),
+                "[ -~]{0,20}",
+            ]
+        }
+
+        /// One header value: entries joined by commas.
+        fn value() -> impl Strategy<Value = String> {
+            prop::collection::vec(entry(), 0..6).prop_map(|entries| entries.join(","))
+        }
+
+        fn headers(values: &[String]) -> HeaderMap {
+            let mut h = HeaderMap::new();
+            for v in values {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    h.append(X_FORWARDED_FOR, v);
+                }
+            }
+            h
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// From an untrusted peer the header is never believed, whatever it says.
+            #[test]
+            fn an_untrusted_peer_is_its_own_client(
+                values in prop::collection::vec(value(), 0..4),
+                peer in any::<std::net::IpAddr>(),
+            ) {
+                let h = headers(&values);
+                prop_assert_eq!(client_ip(peer, &h, &[]), peer);
+                let elsewhere: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+                prop_assume!(!elsewhere[0].contains(&peer));
+                prop_assert_eq!(client_ip(peer, &h, &elsewhere), peer);
+            }
+
+            /// From a trusted peer the client is the peer or an address the header holds: the
+            /// right-most entry that is not trusted, or the peer when the right-most one is
+            /// unreadable.
+            #[test]
+            fn a_trusted_peer_forwards_an_address_from_the_header(
+                values in prop::collection::vec(value(), 0..4),
+                last in any::<std::net::Ipv4Addr>(),
+            ) {
+                let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+                let peer: IpAddr = "10.0.0.1".parse().unwrap();
+                let h = headers(&values);
+                let client = client_ip(peer, &h, &trusted);
+                let entries: Vec<String> = h
+                    .get_all(&X_FORWARDED_FOR)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .map(|e| e.trim().to_owned())
+                    .collect();
+                prop_assert!(client == peer || entries.contains(&client.to_string()));
+                // Whatever the client wrote to the left, its last hop decides.
+                let mut with_last = values.clone();
+                with_last.push(last.to_string());
+                let expected = if trusted[0].contains(&IpAddr::V4(last)) {
+                    None
+                } else {
+                    Some(IpAddr::V4(last))
+                };
+                let client = client_ip(peer, &headers(&with_last), &trusted);
+                if let Some(expected) = expected {
+                    prop_assert_eq!(client, expected);
+                }
+            }
+
+            /// Appending keeps what was there, in order (empty headers aside), and adds the
+            /// peer last.
+            #[test]
+            fn forwarding_appends_the_peer(
+                values in prop::collection::vec(value(), 0..4),
+                peer in any::<std::net::IpAddr>(),
+            ) {
+                let mut h = headers(&values);
+                let before: Vec<String> = h
+                    .get_all(&X_FORWARDED_FOR)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok().map(|v| v.trim().to_owned()))
+                    .filter(|v| !v.is_empty())
+                    .collect();
+                set_forwarded(&mut h, peer, "http", None);
+                let after: Vec<&HeaderValue> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+                prop_assert_eq!(after.len(), 1);
+                let mut expected = before.join(", ");
+                if !expected.is_empty() {
+                    expected.push_str(", ");
+                }
+                expected.push_str(&peer.to_string());
+                prop_assert_eq!(after[0].to_str().unwrap(), expected);
+            }
+        }
     }
 }
