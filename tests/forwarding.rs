@@ -57,10 +57,21 @@ async fn a_trusted_proxy_is_believed_through_x_forwarded_for_only() {
     let mut placed = BTreeSet::new();
     for i in 0..20 {
         let xff = format!("203.0.113.{i}");
-        placed.insert(get(proxy, "/", &[("x-forwarded-for", &xff)]).await.backend());
+        placed.insert(
+            get(proxy, "/", &[("x-forwarded-for", &xff)])
+                .await
+                .backend(),
+        );
         // Forwarded and the other headers are not read, even from a trusted peer.
-        for (name, value) in spoofs(i).into_iter().filter(|(n, _)| *n != "x-forwarded-for") {
-            assert_eq!(get(proxy, "/", &[(name, &value)]).await.backend(), home, "{name}");
+        for (name, value) in spoofs(i)
+            .into_iter()
+            .filter(|(n, _)| *n != "x-forwarded-for")
+        {
+            assert_eq!(
+                get(proxy, "/", &[(name, &value)]).await.backend(),
+                home,
+                "{name}"
+            );
         }
     }
     assert!(placed.len() > 1, "20 forwarded IPs all on {placed:?}");
@@ -83,14 +94,21 @@ async fn forwarding_headers_are_appended_or_replaced_never_passed_on_as_claimed(
     let (answer, _) = raw_exchange_closed(proxy, request.as_bytes()).await;
     assert_eq!(status_of(&answer), 200, "{answer}");
     let seen = &backend.requests()[0];
-    assert_eq!(seen.header("x-forwarded-for"), ["6.6.6.6, 7.7.7.7, 127.0.0.1"]);
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        ["6.6.6.6, 7.7.7.7, 127.0.0.1"]
+    );
     assert_eq!(seen.header("x-forwarded-proto"), ["http"]);
     assert_eq!(seen.header("x-forwarded-host"), ["shop.example:8080"]);
     assert_eq!(seen.header("host"), ["shop.example:8080"]);
 }
 
 /// A route matched by Host and a catch-all one, with a backend each to tell them apart.
-async fn routed() -> (Vec<WireBackend>, std::net::SocketAddr, std::sync::Arc<switchyard::server::Server>) {
+async fn routed() -> (
+    Vec<WireBackend>,
+    std::net::SocketAddr,
+    std::sync::Arc<switchyard::server::Server>,
+) {
     let backends = vec![wire_backend().await, wire_backend().await];
     let text = format!(
         r#"
@@ -160,8 +178,14 @@ async fn a_missing_repeated_or_invalid_host_is_400_and_closes() {
             "two Host lines in HTTP/1.0",
             b"GET / HTTP/1.0\r\nhost: only.example\r\nhost: other.example\r\n\r\n",
         ),
-        ("a path in Host", b"GET / HTTP/1.1\r\nhost: only.example/x\r\n\r\n"),
-        ("userinfo in Host", b"GET / HTTP/1.1\r\nhost: me@only.example\r\n\r\n"),
+        (
+            "a path in Host",
+            b"GET / HTTP/1.1\r\nhost: only.example/x\r\n\r\n",
+        ),
+        (
+            "userinfo in Host",
+            b"GET / HTTP/1.1\r\nhost: me@only.example\r\n\r\n",
+        ),
     ];
     for (name, request) in cases {
         let (answer, closed) = raw_exchange_closed(proxy, request).await;

@@ -39,7 +39,10 @@ async fn max_header_bytes_tells_a_long_request_line_414_from_large_headers_431()
     // One byte over, in the headers: 431.
     let (answer, closed) = raw_exchange_closed(proxy, head_of(100, 2049).as_bytes()).await;
     assert_eq!(status_of(&answer), 431, "{answer}");
-    assert!(answer.ends_with("request header fields too large\n"), "{answer}");
+    assert!(
+        answer.ends_with("request header fields too large\n"),
+        "{answer}"
+    );
     assert!(closed);
     // A request line longer than the limit by itself: 414, read no further than the limit.
     let long_line = format!("GET /{} HTTP/1.1\r\nhost: a\r\n\r\n", "a".repeat(4096));
@@ -62,7 +65,11 @@ async fn max_header_bytes_tells_a_long_request_line_414_from_large_headers_431()
     // A request line within the limit whose headers make the head too large: 431.
     let (answer, _) = raw_exchange_closed(proxy, head_of(1500, 2100).as_bytes()).await;
     assert_eq!(status_of(&answer), 431, "{answer}");
-    assert_eq!(backend.heads().len(), 1, "only the first request got through");
+    assert_eq!(
+        backend.heads().len(),
+        1,
+        "only the first request got through"
+    );
 }
 
 #[tokio::test]
@@ -120,7 +127,9 @@ async fn max_headers_counts_every_field_line_host_included() {
     assert_eq!(backend.heads().len(), 1);
     // HTTP/2 requests are held to the same count.
     let mut h2 = h2c(proxy).await;
-    let mut request = Request::get("http://a/").body(Empty::<Bytes>::new()).unwrap();
+    let mut request = Request::get("http://a/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     for i in 0..11 {
         let name = http::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap();
         request.headers_mut().insert(name, "1".parse().unwrap());
@@ -157,7 +166,12 @@ async fn max_body_bytes_refuses_a_declared_length_before_any_backend_is_contacte
     assert!(answer.ends_with("request body too large\n"), "{answer}");
     assert!(closed);
     assert!(backend.heads().is_empty());
-    assert_eq!(backend.connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
     // Exactly the limit passes, whole.
     let body = "b".repeat(1000);
     let request = format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1000\r\n\r\n{body}");
@@ -180,8 +194,13 @@ async fn max_body_bytes_cuts_a_chunked_body_that_grows_past_it() {
     assert_eq!(status_of(&answer), 413, "{answer}");
     assert!(closed);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(backend.requests().is_empty(), "no whole request reached the backend");
-    let cut = backend.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        backend.requests().is_empty(),
+        "no whole request reached the backend"
+    );
+    let cut = backend
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
     // Two chunks (1,000 bytes) are within the limit and go through whole.
     let request = format!(
         "POST /fits HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n"
@@ -194,7 +213,9 @@ async fn max_body_bytes_cuts_a_chunked_body_that_grows_past_it() {
     assert_eq!(seen[0].body.len(), 1000);
     // The backend connection that carried the cut body was not reused.
     assert_eq!(
-        backend.connections.load(std::sync::atomic::Ordering::SeqCst),
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
         cut + 1
     );
     // An HTTP/2 body of unknown length is cut the same way.
@@ -251,16 +272,21 @@ async fn max_connections_closes_one_more_at_once_and_serves_the_others() {
     drop(first);
     let mut again = None;
     for _ in 0..100 {
-        let (answer, _) =
-            raw_exchange_closed(proxy, b"GET /5 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
-                .await;
+        let (answer, _) = raw_exchange_closed(
+            proxy,
+            b"GET /5 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
+        .await;
         if status_of(&answer) == 200 {
             again = Some(answer);
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(again.is_some(), "a connection was accepted after one closed");
+    assert!(
+        again.is_some(),
+        "a connection was accepted after one closed"
+    );
 }
 
 /// Slowloris: a client trickling its head byte by byte is cut off `client_header` after it
@@ -288,7 +314,8 @@ async fn trickled_and_missing_heads_are_cut_while_others_are_served() {
     let silent = async {
         let mut silent = TcpStream::connect(proxy).await.unwrap();
         let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
         assert!(read.is_ok(), "the silent connection was not closed");
         started.elapsed()
     };
@@ -316,7 +343,10 @@ async fn trickled_and_missing_heads_are_cut_while_others_are_served() {
     assert!(slowest < Duration::from_millis(300), "{slowest:?}");
     let heads = backend.heads();
     assert_eq!(heads.len(), 10, "{heads:?}");
-    assert!(heads.iter().all(|h| h.starts_with("GET /fast/")), "{heads:?}");
+    assert!(
+        heads.iter().all(|h| h.starts_with("GET /fast/")),
+        "{heads:?}"
+    );
 
     // On a keep-alive connection, the next head gets `client_header` too.
     let mut kept = TcpStream::connect(proxy).await.unwrap();

@@ -73,10 +73,14 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     assert_eq!(first.status, 200);
     let cookie = format!("sy={}", first.cookie("sy").expect("a cookie"));
     assert_eq!(get(proxy, "/", &[("cookie", &cookie)]).await.status, 200);
-    assert_eq!(get(proxy, "/", &[("cookie", "sy=forged")]).await.status, 200);
+    assert_eq!(
+        get(proxy, "/", &[("cookie", "sy=forged")]).await.status,
+        200
+    );
     let mut answers = Vec::new();
     // A refused request carrying the token: logged at debug level, without its headers.
-    let refused = format!("GET / HTTP/1.1\r\nhost : a\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\r\n");
+    let refused =
+        format!("GET / HTTP/1.1\r\nhost : a\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\r\n");
     answers.push(raw_exchange(proxy, refused.as_bytes()).await);
     // The admin API: status, metrics, a reload by POST and one by SIGHUP.
     for (method, path) in [("GET", "/status"), ("GET", "/metrics")] {
@@ -106,7 +110,12 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     answers.push(String::from_utf8_lossy(&check.stdout).into_owned());
     answers.push(String::from_utf8_lossy(&check.stderr).into_owned());
     // Unauthorised admin requests and their answers.
-    let denied = get(admin_addr, "/status", &[("authorization", "Bearer SENTINEL-guess")]).await;
+    let denied = get(
+        admin_addr,
+        "/status",
+        &[("authorization", "Bearer SENTINEL-guess")],
+    )
+    .await;
     assert_eq!(denied.status, 401);
     answers.push(denied.body);
 
@@ -119,7 +128,10 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     assert!(log.contains("DEBUG"), "the log is at debug level:\n{log}");
     // Neither secret, nor the rejected token, nor a guessed one, anywhere.
     for (i, text) in answers.iter().chain(std::iter::once(&log)).enumerate() {
-        assert!(!text.contains(SENTINEL), "output {i} holds a secret:\n{text}");
+        assert!(
+            !text.contains(SENTINEL),
+            "output {i} holds a secret:\n{text}"
+        );
     }
 }
 
@@ -127,8 +139,8 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
 #[test]
 fn a_cookie_pool_without_a_secret_is_an_error_that_mentions_generate() {
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(&["127.0.0.1:9".parse().unwrap()], "\"x\"", "")
-        .replace("secret = \"x\"\n", "");
+    let text =
+        config_text(&["127.0.0.1:9".parse().unwrap()], "\"x\"", "").replace("secret = \"x\"\n", "");
     let path = write_config(dir.path(), "proxy.toml", &text);
     let output = run_check(&path);
     assert!(!output.status.success());
@@ -159,7 +171,11 @@ async fn a_generated_secret_warns_and_survives_reloads_that_keep_asking_for_it()
     let cookie = format!("sy={}", first.cookie("sy").expect("a cookie"));
 
     // A reload that still says "generate" keeps the key: the cookie still pins, unchanged.
-    write_config(dir.path(), "proxy.toml", &config_text(&addrs, "\"generate\"", "retries = 0"));
+    write_config(
+        dir.path(),
+        "proxy.toml",
+        &config_text(&addrs, "\"generate\"", "retries = 0"),
+    );
     let reloaded = admin(admin_addr, "POST", "/reload").await;
     assert_eq!(reloaded.status, 200, "{}", reloaded.body);
     for _ in 0..5 {
@@ -177,9 +193,15 @@ async fn a_generated_secret_warns_and_survives_reloads_that_keep_asking_for_it()
         &config_text(&addrs, &format!("\"{COOKIE_SECRET}\""), ""),
     );
     assert_eq!(admin(admin_addr, "POST", "/reload").await.status, 200);
-    assert!(get(proxy, "/", &[("cookie", &cookie)]).await.cookie("sy").is_some());
+    assert!(get(proxy, "/", &[("cookie", &cookie)])
+        .await
+        .cookie("sy")
+        .is_some());
     write_config(dir.path(), "proxy.toml", &generate);
     assert_eq!(admin(admin_addr, "POST", "/reload").await.status, 200);
     wait_until("warned again", || warnings(&process.log()) == 2).await;
-    assert!(get(proxy, "/", &[("cookie", &cookie)]).await.cookie("sy").is_some());
+    assert!(get(proxy, "/", &[("cookie", &cookie)])
+        .await
+        .cookie("sy")
+        .is_some());
 }

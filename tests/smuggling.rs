@@ -38,7 +38,8 @@ async fn assert_refused(
     request: &str,
     by: By,
 ) {
-    let (answer, closed) = raw_exchange_closed(proxy, format!("{request}{SMUGGLED}").as_bytes()).await;
+    let (answer, closed) =
+        raw_exchange_closed(proxy, format!("{request}{SMUGGLED}").as_bytes()).await;
     assert_eq!(status_of(&answer), 400, "{name}: {answer}");
     assert!(closed, "{name}: the connection stayed open");
     assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{name}: {answer}");
@@ -191,7 +192,12 @@ async fn ambiguous_framing_is_400_closed_and_never_reaches_the_backend() {
     for (name, request, by) in &cases {
         assert_refused(proxy, &backend, name, request, *by).await;
     }
-    assert_eq!(backend.connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
 }
 
 /// A chunked body whose framing breaks: the backend may have had the head already (bodies are
@@ -223,8 +229,15 @@ async fn invalid_chunk_sizes_are_400_and_the_backend_gets_no_whole_request() {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let heads = backend.heads();
         assert!(heads.len() <= i + 1, "{name}: {heads:?}");
-        assert!(heads.iter().all(|h| h == "POST /up HTTP/1.1"), "{name}: {heads:?}");
-        assert!(backend.requests().is_empty(), "{name}: {:?}", backend.requests());
+        assert!(
+            heads.iter().all(|h| h == "POST /up HTTP/1.1"),
+            "{name}: {heads:?}"
+        );
+        assert!(
+            backend.requests().is_empty(),
+            "{name}: {:?}",
+            backend.requests()
+        );
     }
     // The client's broken body says nothing about the backend.
     let state = server.shared().registry.get(backend.addr).unwrap();
@@ -236,9 +249,17 @@ async fn read_responses(stream: &mut TcpStream, n: usize) -> String {
     let mut answer = Vec::new();
     let mut chunk = [0u8; 4096];
     tokio::time::timeout(Duration::from_secs(5), async {
-        while String::from_utf8_lossy(&answer).matches("\r\n\r\nok").count() < n {
+        while String::from_utf8_lossy(&answer)
+            .matches("\r\n\r\nok")
+            .count()
+            < n
+        {
             let read = stream.read(&mut chunk).await.unwrap();
-            assert!(read > 0, "closed after {}", String::from_utf8_lossy(&answer));
+            assert!(
+                read > 0,
+                "closed after {}",
+                String::from_utf8_lossy(&answer)
+            );
             answer.extend_from_slice(&chunk[..read]);
         }
     })
@@ -324,11 +345,15 @@ async fn http2_bodies_are_framed_once_for_the_backend() {
     let response = h2.send_request(streamed).await.unwrap();
     assert_eq!(response.status(), 200);
     let seen = backend.requests();
-    let sized = seen.iter().find(|s| s.request_line() == "POST /sized HTTP/1.1");
+    let sized = seen
+        .iter()
+        .find(|s| s.request_line() == "POST /sized HTTP/1.1");
     let sized = sized.expect("the sized request arrived");
     assert_eq!(sized.header("content-length"), ["5"]);
     assert!(sized.header("transfer-encoding").is_empty());
-    let streamed = seen.iter().find(|s| s.request_line() == "POST /streamed HTTP/1.1");
+    let streamed = seen
+        .iter()
+        .find(|s| s.request_line() == "POST /streamed HTTP/1.1");
     let streamed = streamed.expect("the streamed request arrived");
     assert_eq!(streamed.header("transfer-encoding"), ["chunked"]);
     assert!(streamed.header("content-length").is_empty());

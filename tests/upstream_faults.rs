@@ -219,8 +219,14 @@ async fn a_backend_closing_mid_body_leaves_the_response_unterminated() {
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(head.contains("transfer-encoding: chunked"), "{answer}");
     assert!(body.starts_with("5\r\nhello\r\n"), "{answer:?}");
-    assert!(!body.ends_with("0\r\n\r\n"), "the last chunk must not be sent: {body:?}");
-    wait_until("the broken body counted", || failures(&server, backend) == 1).await;
+    assert!(
+        !body.ends_with("0\r\n\r\n"),
+        "the last chunk must not be sent: {body:?}"
+    );
+    wait_until("the broken body counted", || {
+        failures(&server, backend) == 1
+    })
+    .await;
     // Through a client library the body is an error, not a shorter success.
     let mut client = h1_connection::<http_body_util::Empty<bytes::Bytes>>(proxy).await;
     let request = http::Request::get("/fault")
@@ -230,7 +236,10 @@ async fn a_backend_closing_mid_body_leaves_the_response_unterminated() {
     let response = client.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     let collected = http_body_util::BodyExt::collect(response.into_body()).await;
-    assert!(collected.is_err(), "a truncated body must not look complete");
+    assert!(
+        collected.is_err(),
+        "a truncated body must not look complete"
+    );
     wait_until("counted again", || failures(&server, backend) == 2).await;
     assert_proxy_serves(proxy, &apps[0]).await;
 }

@@ -22,9 +22,9 @@ use crate::backend::{SendError, UpstreamBody};
 use crate::balance::{self, Affinity, Candidates, Choice, RequestFacts};
 use crate::config::{Limits, PoolConfig, StrategyKind};
 use crate::error::ProxyError;
-use crate::server::framing::Rejection;
 use crate::health;
 use crate::metrics::MemberMetrics;
+use crate::server::framing::Rejection;
 use crate::state::{Pool, Shared, Snapshot};
 
 /// What the request path knows about the client connection.

@@ -743,7 +743,10 @@ mod tests {
                 Rejection::TransferEncoding,
             ),
             (b"GET / HTTP/1.1\nHost: x\n\n", Rejection::LineEnding),
-            (b"GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", Rejection::LineEnding),
+            (
+                b"GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n",
+                Rejection::LineEnding,
+            ),
         ];
         for (input, rejection) in cases {
             let smuggled = [input, b"0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n"].concat();
@@ -772,7 +775,8 @@ mod tests {
 
     #[test]
     fn after_a_refused_head_nothing_passes() {
-        let input = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\nHost: x\n\nGET /c HTTP/1.1\r\n\r\n";
+        let input =
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\nHost: x\n\nGET /c HTTP/1.1\r\n\r\n";
         let (out, verdicts) = run(input, 4096);
         let expected = [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".as_slice(), STAND_IN].concat();
         assert_eq!(out, expected);
@@ -783,17 +787,20 @@ mod tests {
     fn http2_and_upgrades_step_aside() {
         let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00\n\n";
         assert_eq!(run(preface, 3), (preface.to_vec(), vec![]));
-        let upgrade = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05\nbare\n";
+        let upgrade =
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05\nbare\n";
         assert_eq!(run(upgrade, 5), (upgrade.to_vec(), vec![None]));
     }
 
     #[test]
     fn a_broken_chunked_body_is_left_to_hyper() {
-        let input = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET /x HTTP/1.1\n\n";
+        let input =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET /x HTTP/1.1\n\n";
         let (out, verdicts) = run(input, 4096);
         assert_eq!(out, input);
         assert_eq!(verdicts, [None]);
-        let overflow = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\n";
+        let overflow =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\n";
         assert_eq!(run(overflow, 4096).0, overflow);
     }
 }

@@ -307,7 +307,10 @@ impl Server {
         let _ = stream.set_nodelay(true);
         let (timeouts, limits) = {
             let snapshot = self.shared.snapshot.load();
-            (snapshot.config.timeouts.clone(), snapshot.config.limits.clone())
+            (
+                snapshot.config.timeouts.clone(),
+                snapshot.config.limits.clone(),
+            )
         };
         // Counted below TLS, so a handshake that trickles in is activity too.
         let activity = Arc::new(Activity::default());
