@@ -366,3 +366,82 @@ async fn trickled_and_missing_heads_are_cut_while_others_are_served() {
     assert!(second.elapsed() < Duration::from_secs(2));
     assert!(backend.heads().iter().all(|h| !h.contains("/second")));
 }
+
+/// HTTP/2 concurrent streams are bounded: the server announces 256, and a client that opens more
+/// at once has the extra stream refused (RST_STREAM REFUSED_STREAM) while the first 256 are
+/// served and other clients too.
+#[tokio::test]
+async fn http2_concurrent_streams_are_bounded_at_256() {
+    const SETTINGS: u8 = 0x4;
+    const RST_STREAM: u8 = 0x3;
+    const HEADERS: u8 = 0x1;
+    const END_STREAM_AND_HEADERS: u8 = 0x1 | 0x4;
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const REFUSED_STREAM: u32 = 0x7;
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend([kind, flags]);
+        frame.extend(stream.to_be_bytes());
+        frame.extend(payload);
+        frame
+    };
+    let apps = apps(1).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (mut rx, mut tx) = stream.into_split();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    tx.write_all(&hello).await.unwrap();
+    // Reads one frame: (type, flags, stream, payload).
+    async fn next_frame(rx: &mut tokio::net::tcp::OwnedReadHalf) -> (u8, u8, u32, Vec<u8>) {
+        let mut head = [0u8; 9];
+        rx.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        rx.read_exact(&mut payload).await.unwrap();
+        (head[3], head[4], stream, payload)
+    }
+    // The server's SETTINGS announce the bound.
+    let settings = loop {
+        let (kind, flags, _, payload) = next_frame(&mut rx).await;
+        if kind == SETTINGS && flags & 0x1 == 0 {
+            break payload;
+        }
+    };
+    let announced = settings.chunks(6).find_map(|entry| {
+        (u16::from_be_bytes([entry[0], entry[1]]) == MAX_CONCURRENT_STREAMS)
+            .then(|| u32::from_be_bytes(entry[2..6].try_into().unwrap()))
+    });
+    assert_eq!(announced, Some(256));
+    // Acknowledged, the bound applies: 257 requests at once, each held a second by the app.
+    tx.write_all(&frame(SETTINGS, 0x1, 0, &[])).await.unwrap();
+    let mut block = vec![0x82, 0x86, 0x04, 11];
+    block.extend(b"/sleep/1000");
+    block.extend([0x01, 1, b'a']);
+    let mut burst = Vec::new();
+    for i in 0..257u32 {
+        burst.extend(frame(HEADERS, END_STREAM_AND_HEADERS, 2 * i + 1, &block));
+    }
+    tx.write_all(&burst).await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let (kind, _, stream, payload) = next_frame(&mut rx).await;
+            if kind == RST_STREAM {
+                break (stream, u32::from_be_bytes(payload[..4].try_into().unwrap()));
+            }
+        }
+    })
+    .await
+    .expect("a stream is refused");
+    assert_eq!(refused, (2 * 256 + 1, REFUSED_STREAM));
+    // Meanwhile another client is served at once.
+    let asked = Instant::now();
+    assert_eq!(get(proxy, "/", &[]).await.status, 200);
+    assert!(asked.elapsed() < Duration::from_millis(500));
+    wait_until("the 256 held streams reached the app", || {
+        apps[0].requests() >= 257
+    })
+    .await;
+    drop(tx);
+}
