@@ -17,7 +17,8 @@
 //! the body and closes the connection, and this layer steps aside). It also steps aside for the
 //! rest of a connection after the HTTP/2 preface and after a request that asks to switch
 //! protocols (what follows may be a tunnel); requests on such a connection are left to hyper's
-//! own checks, which [`super`] sets to the same limits.
+//! own checks, which [`super`] bounds by the same limits (hyper's buffer, which must hold a
+//! whole head, is sized from `max_header_bytes`; its field count is `max_headers`).
 
 use std::collections::VecDeque;
 use std::future::Future;

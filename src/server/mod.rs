@@ -1,6 +1,7 @@
-//! Listeners and connections: the accept loops, TLS termination, HTTP/1.1 and HTTP/2 (ALPN over
-//! TLS, prior knowledge in cleartext) on the same socket, and graceful shutdown with a bounded
-//! wait. Listeners are keyed by their configured address so that a reload starts and stops only
+//! Listeners and connections: the accept loops (bounded by `limits.max_connections`), TLS
+//! termination, HTTP/1.1 and HTTP/2 (ALPN over TLS, prior knowledge in cleartext) on the same
+//! socket with the `[limits]` applied, and graceful shutdown with a bounded wait. HTTP/1 request
+//! heads are checked in [`framing`] before hyper reads them. Listeners are keyed by their configured address so that a reload starts and stops only
 //! the ones that changed; what a kept listener serves (its certificates, its https redirect) is
 //! swapped in place and applies to the connections it accepts next.
 
