@@ -359,3 +359,29 @@ async fn http2_bodies_are_framed_once_for_the_backend() {
     assert!(streamed.header("content-length").is_empty());
     assert_eq!(streamed.body, b"hello");
 }
+
+/// A request that asks to switch protocols, answered without a switch, leaves the connection an
+/// HTTP/1.1 one whose next heads are checked like any other.
+#[tokio::test]
+async fn after_a_declined_upgrade_the_next_head_is_still_checked() {
+    let backend = wire_backend().await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend.addr, 1)], "")).await;
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    let upgrade = "GET /up HTTP/1.1\r\nhost: a\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\n";
+    stream.write_all(upgrade.as_bytes()).await.unwrap();
+    let answer = read_responses(&mut stream, 1).await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    let ambiguous = format!(
+        "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"
+    );
+    stream.write_all(ambiguous.as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(status_of(&rest), 400, "{rest}");
+    assert!(rest.ends_with("bad request\n"), "{rest}");
+    assert_eq!(backend.heads(), ["GET /up HTTP/1.1"]);
+}

@@ -14,19 +14,20 @@
 //!
 //! To know where each head starts, it follows the body framing it admitted: a Content-Length, or
 //! a chunked body (whose syntax it reads as strictly as hyper does; on anything else hyper fails
-//! the body and closes the connection, and this layer steps aside). It also steps aside for the
-//! rest of a connection after the HTTP/2 preface and after a request that asks to switch
-//! protocols (what follows may be a tunnel); requests on such a connection are left to hyper's
-//! own checks, which [`super`] bounds by the same limits (hyper's buffer, which must hold a
-//! whole head, is sized from `max_header_bytes`; its field count is `max_headers`).
+//! the body and closes the connection, and this layer steps aside). After a request that asks to
+//! switch protocols it reads nothing more until the service says how the request was answered:
+//! a switch (`101`) makes the rest of the connection a tunnel, which it passes untouched; any
+//! other answer and the next head is checked like the others. After the HTTP/2 preface it steps
+//! aside for good: HTTP/2 frames its own requests.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -38,6 +39,8 @@ use tokio::time::Sleep;
 const STAND_IN: &[u8] = b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n";
 /// The first line of the HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0";
+/// What a head buffer starts with: most request heads fit.
+const HEAD_CAPACITY: usize = 1024;
 /// Bytes read from the socket at a time while a head is being collected.
 const READ_CHUNK: usize = 8192;
 /// Bytes read and dropped after a refused head, at most: enough for the client to read the
@@ -91,27 +94,67 @@ pub struct HeadLimits {
     pub max_fields: usize,
 }
 
-/// The verdicts on one connection's request heads, in order. hyper hands the service one request
-/// per head it was given, in the same order, so the service takes one verdict per HTTP/1 request.
+/// What was decided about one request head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Why the head was refused; `None` when it passed.
+    pub rejection: Option<Rejection>,
+    /// The request asks to switch protocols: nothing after it is read until
+    /// [`Verdicts::switched`] says how it was answered.
+    pub upgrade: bool,
+}
+
+/// Between the reading side of one connection and its service: the verdicts on its request
+/// heads, in order (hyper hands the service one request per head it was given, in the same
+/// order, so the service takes one per HTTP/1 request), and how an upgrade request was answered.
 #[derive(Debug, Default)]
-pub struct Verdicts(Mutex<VecDeque<Option<Rejection>>>);
+pub struct Verdicts {
+    heads: Mutex<VecDeque<Verdict>>,
+    switch: Mutex<Switch>,
+}
+
+/// How the last upgrade request was answered, and who waits to know.
+#[derive(Debug, Default)]
+struct Switch {
+    switched: Option<bool>,
+    reader: Option<Waker>,
+}
 
 impl Verdicts {
-    fn push(&self, verdict: Option<Rejection>) {
-        self.0
+    fn push(&self, verdict: Verdict) {
+        self.heads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push_back(verdict);
     }
 
-    /// The verdict on the next request: `Some` when its head was refused, `None` when it passed
-    /// or was not checked (the layer had stepped aside).
-    pub fn next(&self) -> Option<Rejection> {
-        self.0
+    /// The verdict on the next HTTP/1 request (a passing one when the layer had stepped aside).
+    pub fn next(&self) -> Verdict {
+        self.heads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front()
-            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Says how a request whose verdict had `upgrade` was answered: `switched` when the
+    /// connection became a tunnel. Called before the answer is handed to hyper.
+    pub fn switched(&self, switched: bool) {
+        let mut switch = self.switch.lock().unwrap_or_else(|e| e.into_inner());
+        switch.switched = Some(switched);
+        if let Some(reader) = switch.reader.take() {
+            reader.wake();
+        }
+    }
+
+    /// How the awaited upgrade was answered, once it was; until then `cx` is woken by it.
+    fn take_switched(&self, cx: &Context<'_>) -> Option<bool> {
+        let mut switch = self.switch.lock().unwrap_or_else(|e| e.into_inner());
+        let switched = switch.switched.take();
+        if switched.is_none() {
+            switch.reader = Some(cx.waker().clone());
+        }
+        switched
     }
 }
 
@@ -168,9 +211,9 @@ impl<T: AsyncRead> AsyncRead for CheckedIo<T> {
                     // Read and drop what the client still sends, so that closing the socket after
                     // the answer does not reset the connection under it; never report the end of
                     // the stream, which could make hyper drop the answer.
-                    let mut scratch = [0u8; READ_CHUNK];
+                    let mut scratch = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
                     while scanner.drained < DRAIN_LIMIT {
-                        let mut dropped = ReadBuf::new(&mut scratch);
+                        let mut dropped = ReadBuf::uninit(&mut scratch);
                         match this.inner.as_mut().poll_read(cx, &mut dropped) {
                             Poll::Ready(Ok(())) if !dropped.filled().is_empty() => {
                                 scanner.drained += dropped.filled().len();
@@ -180,10 +223,16 @@ impl<T: AsyncRead> AsyncRead for CheckedIo<T> {
                     }
                     return Poll::Pending;
                 }
+                State::AwaitSwitch => {
+                    let Some(switched) = scanner.verdicts.take_switched(cx) else {
+                        return Poll::Pending;
+                    };
+                    scanner.resume(switched);
+                }
                 State::Head => {
                     // Nothing of a head goes to hyper before the whole head is checked.
-                    let mut scratch = [0u8; READ_CHUNK];
-                    let mut read = ReadBuf::new(&mut scratch);
+                    let mut scratch = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                    let mut read = ReadBuf::uninit(&mut scratch);
                     if this.inner.as_mut().poll_read(cx, &mut read)?.is_pending() {
                         let timed_out = this
                             .first_head
@@ -264,7 +313,10 @@ enum State {
     Body { left: u64, then: Then },
     /// Passing a chunked body.
     Chunked { chunk: Chunk, then: Then },
-    /// Stepped aside: HTTP/2, an upgrade, or a body hyper will refuse.
+    /// Waiting to know whether an upgrade request switched protocols; what arrives meanwhile is
+    /// held.
+    AwaitSwitch,
+    /// Stepped aside: HTTP/2, a tunnel, or a body hyper will refuse.
     Passing,
     /// A head was refused; the stand-in is the last thing hyper gets.
     Refused,
@@ -275,15 +327,15 @@ enum State {
 enum Then {
     /// The next request's head.
     Head,
-    /// Maybe a tunnel: the request asked to switch protocols.
-    Passing,
+    /// The answer decides: the request asked to switch protocols.
+    AwaitSwitch,
 }
 
 impl Then {
     fn state(self) -> State {
         match self {
             Then::Head => State::Head,
-            Then::Passing => State::Passing,
+            Then::AwaitSwitch => State::AwaitSwitch,
         }
     }
 }
@@ -380,7 +432,7 @@ struct Head {
 impl Head {
     fn new() -> Self {
         Head {
-            bytes: Vec::new(),
+            bytes: Vec::with_capacity(HEAD_CAPACITY),
             line_start: 0,
             request_line: None,
             fields: 0,
@@ -390,6 +442,22 @@ impl Head {
             chunked: false,
             upgrade: false,
         }
+    }
+
+    /// Ready for the next head, keeping the buffer unless a large head grew it.
+    fn reset(&mut self) {
+        if self.bytes.capacity() > HEAD_CAPACITY * 8 {
+            self.bytes = Vec::with_capacity(HEAD_CAPACITY);
+        }
+        self.bytes.clear();
+        self.line_start = 0;
+        self.request_line = None;
+        self.fields = 0;
+        self.content_lengths = 0;
+        self.length = Some(0);
+        self.transfer_encodings = 0;
+        self.chunked = false;
+        self.upgrade = false;
     }
 }
 
@@ -403,6 +471,8 @@ struct Scanner {
     /// Admitted bytes not yet handed to hyper, from `ready_at`.
     ready: Vec<u8>,
     ready_at: usize,
+    /// Bytes that arrived while an upgrade's answer was awaited.
+    held: Vec<u8>,
     /// Bytes read and dropped after a refusal.
     drained: usize,
     /// Heads completed (handed on or refused).
@@ -418,6 +488,7 @@ impl Scanner {
             head: Head::new(),
             ready: Vec::new(),
             ready_at: 0,
+            held: Vec::new(),
             drained: 0,
             heads: 0,
         }
@@ -435,6 +506,9 @@ impl Scanner {
         if self.ready_at == self.ready.len() {
             self.ready.clear();
             self.ready_at = 0;
+            if self.ready.capacity() > HEAD_CAPACITY * 8 + READ_CHUNK {
+                self.ready = Vec::new();
+            }
         }
         true
     }
@@ -464,6 +538,11 @@ impl Scanner {
                 }
                 State::Chunked { chunk, then } => (self.chunked(chunk, then, rest), true),
                 State::Passing => (rest.len(), true),
+                State::AwaitSwitch => {
+                    kept.get_or_insert(at);
+                    self.held.extend_from_slice(rest);
+                    (rest.len(), false)
+                }
                 // Nothing after a refused head reaches hyper.
                 State::Refused => {
                     kept.get_or_insert(at);
@@ -476,6 +555,19 @@ impl Scanner {
             at += used;
         }
         kept.unwrap_or(data.len())
+    }
+
+    /// Goes on after an upgrade request's answer: as a tunnel when it switched protocols, else
+    /// with the next head; what was held meanwhile comes first.
+    fn resume(&mut self, switched: bool) {
+        let held = std::mem::take(&mut self.held);
+        if switched {
+            self.state = State::Passing;
+            self.ready.extend_from_slice(&held);
+        } else {
+            self.state = State::Head;
+            self.feed(&held, false);
+        }
     }
 
     /// Passes chunked body bytes from the start of `data`; returns how many.
@@ -588,16 +680,17 @@ impl Scanner {
 
     /// Checks a whole head and hands it on, or refuses it.
     fn complete(&mut self) {
-        let head = std::mem::replace(&mut self.head, Head::new());
+        let head = &self.head;
         let line = &head.bytes[head.request_line.clone().unwrap_or_default()];
         if line == H2_PREFACE_LINE {
             // HTTP/2 by prior knowledge: hyper-util's auto builder takes it from here.
             self.heads += 1;
             self.ready.extend_from_slice(&head.bytes);
+            self.head.reset();
             self.state = State::Passing;
             return;
         }
-        let method = line.split(|&b| b == b' ').next().unwrap_or_default();
+        let connect = line.starts_with(b"CONNECT ");
         let http11 = line.ends_with(b" HTTP/1.1");
         let te = head.transfer_encodings > 0;
         let rejection = if te && head.content_lengths > 0 {
@@ -613,11 +706,10 @@ impl Scanner {
             self.refuse(rejection);
             return;
         }
-        self.heads += 1;
-        self.verdicts.push(None);
-        self.ready.extend_from_slice(&head.bytes);
-        let then = if head.upgrade || method == b"CONNECT" {
-            Then::Passing
+        // As hyper decides: an `Upgrade` in HTTP/1.1, or any CONNECT.
+        let upgrade = (head.upgrade && http11) || connect;
+        let then = if upgrade {
+            Then::AwaitSwitch
         } else {
             Then::Head
         };
@@ -632,14 +724,24 @@ impl Scanner {
             Some(left) if left > 0 => State::Body { left, then },
             _ => then.state(),
         };
+        self.heads += 1;
+        self.verdicts.push(Verdict {
+            rejection: None,
+            upgrade,
+        });
+        self.ready.extend_from_slice(&head.bytes);
+        self.head.reset();
     }
 
     /// Replaces the head being collected by the stand-in, and stops reading.
     fn refuse(&mut self, rejection: Rejection) {
         self.heads += 1;
-        self.verdicts.push(Some(rejection));
+        self.verdicts.push(Verdict {
+            rejection: Some(rejection),
+            upgrade: false,
+        });
         self.ready.extend_from_slice(STAND_IN);
-        self.head = Head::new();
+        self.head.reset();
         self.state = State::Refused;
     }
 }
@@ -691,7 +793,13 @@ mod tests {
             scanner.ready.clear();
             scanner.ready_at = 0;
         }
-        let verdicts = verdicts.0.lock().unwrap().iter().copied().collect();
+        let verdicts = verdicts
+            .heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v.rejection)
+            .collect();
         (out, verdicts)
     }
 
@@ -785,12 +893,43 @@ mod tests {
     }
 
     #[test]
-    fn http2_and_upgrades_step_aside() {
+    fn http2_steps_aside() {
         let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00\n\n";
         assert_eq!(run(preface, 3), (preface.to_vec(), vec![]));
-        let upgrade =
-            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05\nbare\n";
-        assert_eq!(run(upgrade, 5), (upgrade.to_vec(), vec![None]));
+    }
+
+    #[test]
+    fn after_an_upgrade_request_the_answer_decides() {
+        let head = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        let after = b"\x81\x05\nbare\nGET /x HTTP/1.1\r\nhost: a\r\n\r\n";
+        for switched in [true, false] {
+            let verdicts = Arc::new(Verdicts::default());
+            let mut scanner = Scanner::new(LIMITS, Arc::clone(&verdicts));
+            scanner.feed(&[head.as_slice(), after].concat(), false);
+            // The head goes on; what follows it waits for the answer.
+            assert_eq!(scanner.ready, head);
+            let verdict = verdicts.next();
+            assert!(verdict.upgrade && verdict.rejection.is_none());
+            scanner.ready.clear();
+            scanner.resume(switched);
+            if switched {
+                // A tunnel: passed as it came, bare LFs and all.
+                assert_eq!(scanner.ready, after);
+                assert_eq!(scanner.state, State::Passing);
+            } else {
+                // Not switched: the bytes are a head again, and this one is refused.
+                assert_eq!(scanner.ready, STAND_IN);
+                assert_eq!(verdicts.next().rejection, Some(Rejection::LineEnding));
+            }
+        }
+        // HTTP/1.0 cannot upgrade, as hyper sees it; CONNECT always asks to.
+        let verdicts = Arc::new(Verdicts::default());
+        let mut scanner = Scanner::new(LIMITS, Arc::clone(&verdicts));
+        let heads = b"GET / HTTP/1.0\r\nUpgrade: x\r\n\r\nCONNECT a:1 HTTP/1.1\r\n\r\n";
+        scanner.feed(heads, false);
+        assert!(!verdicts.next().upgrade);
+        assert!(verdicts.next().upgrade);
+        assert_eq!(scanner.state, State::AwaitSwitch);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::state::Shared;
 pub mod framing;
 mod idle;
 
-use framing::{CheckedIo, HeadLimits, Verdicts};
+use framing::{CheckedIo, HeadLimits, Verdict, Verdicts};
 use idle::{Activity, CountingIo};
 
 /// How many times per `timeouts.idle` period a client connection is checked for idleness.
@@ -409,14 +409,27 @@ impl Server {
         let service_activity = Arc::clone(&activity);
         let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             let shared = Arc::clone(&shared);
+            let verdicts = Arc::clone(&verdicts);
             let waiting = service_activity.wait();
-            if request.version() < http::Version::HTTP_2 {
-                if let Some(rejection) = verdicts.next() {
-                    request.extensions_mut().insert(rejection);
-                }
+            let verdict = if request.version() < http::Version::HTTP_2 {
+                verdicts.next()
+            } else {
+                Verdict::default()
+            };
+            if let Some(rejection) = verdict.rejection {
+                request.extensions_mut().insert(rejection);
             }
+            let connect = request.method() == http::Method::CONNECT;
             async move {
                 let response = proxy::handle(&shared, &info, request).await;
+                if verdict.upgrade {
+                    // Before hyper sends the answer: a 101 (or a 2xx to CONNECT) makes the rest
+                    // of the connection a tunnel; anything else, more requests.
+                    let status = response.status();
+                    let switched = status == http::StatusCode::SWITCHING_PROTOCOLS
+                        || (connect && status.is_success());
+                    verdicts.switched(switched);
+                }
                 drop(waiting);
                 Ok::<_, Infallible>(response)
             }
