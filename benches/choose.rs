@@ -13,7 +13,7 @@ use switchyard::balance::{
     self, Candidates, CookieAffinity, IpHash, Member, RequestFacts, RoundRobin,
 };
 use switchyard::config::{
-    BackendSpec, CookieConfig, DrainSticky, PassiveConfig, PoolConfig, StrategyKind,
+    BackendSpec, CookieConfig, DrainSticky, PassiveConfig, PoolConfig, Secret, StrategyKind,
 };
 
 const SIZES: [usize; 4] = [3, 10, 100, 1000];
@@ -46,7 +46,8 @@ fn pool(kind: StrategyKind, members: &[Member]) -> PoolConfig {
         discovery: None,
         cookie: Some(CookieConfig {
             name: "sy".into(),
-            secrets: vec![b"bench-secret-0123456789".to_vec()],
+            secrets: vec![Secret::new(*b"bench-secret-0123456789")],
+            generated: false,
             fallback: StrategyKind::RoundRobin,
             max_age: None,
             secure: false,

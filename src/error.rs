@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 
 use http::StatusCode;
 
+use crate::server::framing::Rejection;
+
 /// Why a request could not be proxied.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -58,12 +60,59 @@ pub enum ProxyError {
         /// The backend's address.
         backend: SocketAddr,
     },
-    /// The client's request cannot be forwarded as it is.
+    /// The client's request cannot be forwarded as it is: ambiguous framing, a missing or
+    /// repeated `Host`, a target that is not a path.
     #[error("bad request: {reason}")]
     BadRequest {
         /// A short, client-safe reason.
         reason: &'static str,
     },
+    /// The client's request body broke off or was malformed (an invalid chunk) while it was being
+    /// sent to the backend.
+    #[error("request body to backend {backend} failed")]
+    RequestBody {
+        /// The backend's address.
+        backend: SocketAddr,
+        /// hyper's error, whose source is the body's.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The request line is longer than `limits.max_header_bytes`.
+    #[error("request line longer than {limit} bytes")]
+    UriTooLong {
+        /// `limits.max_header_bytes`.
+        limit: usize,
+    },
+    /// The request's head is larger than `limits.max_header_bytes`, or has more fields than
+    /// `limits.max_headers`.
+    #[error("request header fields too large: {reason}")]
+    HeadersTooLarge {
+        /// Which limit.
+        reason: &'static str,
+    },
+    /// The request body is larger than `limits.max_body_bytes`, by its `Content-Length` or as it
+    /// arrived.
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge {
+        /// `limits.max_body_bytes`.
+        limit: u64,
+    },
+}
+
+impl From<Rejection> for ProxyError {
+    /// A refused HTTP/1 head: 414 for its request line, 431 for its size or field count, 400 for
+    /// its framing.
+    fn from(rejection: Rejection) -> Self {
+        match rejection {
+            Rejection::RequestLineTooLong { limit } => ProxyError::UriTooLong { limit },
+            Rejection::HeadTooLarge | Rejection::TooManyHeaders => ProxyError::HeadersTooLarge {
+                reason: rejection.reason(),
+            },
+            _ => ProxyError::BadRequest {
+                reason: rejection.reason(),
+            },
+        }
+    }
 }
 
 impl ProxyError {
@@ -77,8 +126,27 @@ impl ProxyError {
             | ProxyError::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest { .. } | ProxyError::RequestBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         }
+    }
+
+    /// Whether the client's connection must close after this answer: the client sent something
+    /// that cannot be trusted to end where it says (a request whose framing was rejected, a body
+    /// left unread), so nothing after it on the connection can be read as a request.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest { .. }
+                | ProxyError::RequestBody { .. }
+                | ProxyError::UriTooLong { .. }
+                | ProxyError::HeadersTooLarge { .. }
+                | ProxyError::BodyTooLarge { .. }
+        )
     }
 
     /// The short plain-text body the client gets; never reveals a backend's address.
@@ -91,7 +159,10 @@ impl ProxyError {
             }
             ProxyError::ResponseTimeout { .. } => "backend timed out\n",
             ProxyError::Upstream { .. } | ProxyError::UnexpectedUpgrade { .. } => "backend error\n",
-            ProxyError::BadRequest { .. } => "bad request\n",
+            ProxyError::BadRequest { .. } | ProxyError::RequestBody { .. } => "bad request\n",
+            ProxyError::UriTooLong { .. } => "request line too long\n",
+            ProxyError::HeadersTooLarge { .. } => "request header fields too large\n",
+            ProxyError::BodyTooLarge { .. } => "request body too large\n",
         }
     }
 }

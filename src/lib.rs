@@ -16,7 +16,9 @@
 //! - [`health`]: active checks, passive ejection and slow start.
 //! - [`proxy`]: the request path, header rules, response bodies, upgraded tunnels, the https
 //!   redirect.
-//! - [`server`]: listeners, TLS termination, connections, graceful shutdown.
+//! - [`server`]: listeners, TLS termination, connections, graceful shutdown; HTTP/1 request
+//!   heads checked for ambiguous framing and size before hyper reads them
+//!   ([`server::framing`]).
 //! - [`tls`]: certificates and rustls configs, built when a config is loaded.
 //! - [`reload`]: file watch / SIGHUP / admin → load → validate → reconcile → store.
 //! - [`drain`]: the Active → Draining → Retired/Drained state machine.

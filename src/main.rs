@@ -98,6 +98,9 @@ fn check(cli: &Cli, current: Option<&std::path::Path>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // As a reload would: a generated cookie key stays, so it is no change.
+        let mut new = new;
+        new.keep_generated_secrets(&old);
         let report = ReloadReport::between(&old, &new);
         println!("changes: {report}");
         println!(

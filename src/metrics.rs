@@ -48,6 +48,7 @@ struct Vecs {
     up: IntGaugeVec,
     upgraded: IntGaugeVec,
     downstream: IntGaugeVec,
+    downstream_refused: IntCounterVec,
 }
 
 /// The server's metrics.
@@ -321,6 +322,12 @@ impl Metrics {
                 "Open client connections, by listener.",
                 &["listener"],
             ),
+            downstream_refused: counter_vec(
+                "switchyard_downstream_refused_total",
+                "Client connections closed at once because the listener was at \
+                 limits.max_connections.",
+                &["listener"],
+            ),
         });
         let reloads = counter_vec(
             "switchyard_config_reloads_total",
@@ -361,6 +368,7 @@ impl Metrics {
             Box::new(vecs.up.clone()),
             Box::new(vecs.upgraded.clone()),
             Box::new(vecs.downstream.clone()),
+            Box::new(vecs.downstream_refused.clone()),
             Box::new(reloads.clone()),
             Box::new(last_reload_success.clone()),
             Box::new(drains.clone()),
@@ -456,12 +464,21 @@ impl Metrics {
             .with_label_values(&[&local.to_string()])
     }
 
-    /// Forgets the gauge of a listener that was closed.
+    /// Forgets the series of a listener that was closed.
     pub(crate) fn remove_downstream(&self, local: SocketAddr) {
-        let _ = self
-            .vecs
-            .downstream
-            .remove_label_values(&[&local.to_string()]);
+        let label = local.to_string();
+        let _ = self.vecs.downstream.remove_label_values(&[&label]);
+        let _ = self.vecs.downstream_refused.remove_label_values(&[&label]);
+    }
+
+    /// Counts a connection the listener bound at `local` closed at once, at its
+    /// `max_connections`.
+    pub(crate) fn downstream_refused(&self, local: Option<SocketAddr>) {
+        let label = local.map(|l| l.to_string()).unwrap_or_default();
+        self.vecs
+            .downstream_refused
+            .with_label_values(&[&label])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric, live gauges read from the current snapshot.

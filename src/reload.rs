@@ -215,6 +215,15 @@ impl ReloadReport {
     }
 }
 
+/// Says what `secret = "generate"` costs, once per key drawn.
+pub(crate) fn warn_generated_secret(pool: &str) {
+    tracing::warn!(
+        pool,
+        "cookie secret generated at random: affinity cookies will not survive a restart and \
+         other switchyard instances will not accept them; set `secret` or `secret_env` to share one"
+    );
+}
+
 /// Addresses whose TLS settings differ between `old` and `new` (both naming them).
 fn tls_changed(old: &Config, new: &Config) -> Vec<SocketAddr> {
     let settings = |config: &Config| -> BTreeMap<SocketAddr, Option<UpstreamTls>> {
@@ -405,10 +414,11 @@ impl Server {
     /// drains, the snapshot, slow start, health checks.
     async fn apply(
         self: &Arc<Self>,
-        config: Config,
+        mut config: Config,
         cause: Cause,
     ) -> Result<ReloadReport, ReloadError> {
         let old = self.shared().snapshot.load_full();
+        let fresh_secrets = config.keep_generated_secrets(&old.config);
         let report = ReloadReport::between(&old.config, &config);
         // A membership change leaves the listeners as they are: nothing to bind, nothing to stop.
         let new_listeners = match cause {
@@ -484,6 +494,9 @@ impl Server {
             self.stop_removed_listeners();
             self.metrics().reload_succeeded();
             tracing::info!(changes = %report, "config reloaded");
+        }
+        for pool in &fresh_secrets {
+            warn_generated_secret(pool);
         }
         Ok(report)
     }

@@ -163,6 +163,11 @@ impl Snapshot {
 
     /// The pool of the first route matching `host` (without a port) and `path`.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Pool> {
+        self.route_index(host, path).map(|i| &self.pools[i])
+    }
+
+    /// Like [`Snapshot::route`], the pool's index in [`Snapshot::pools`].
+    pub fn route_index(&self, host: Option<&str>, path: &str) -> Option<usize> {
         self.routes
             .iter()
             .find(|r| {
@@ -171,7 +176,7 @@ impl Snapshot {
                     .is_none_or(|h| host.is_some_and(|host| host.eq_ignore_ascii_case(h)))
                     && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
             })
-            .map(|r| &self.pools[r.pool])
+            .map(|r| r.pool)
     }
 
     /// The pool named `name`.

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -31,15 +31,27 @@ use crate::error::ProxyError;
 const MAX_IDLE: usize = 1024;
 
 /// How far a request body has been sent: shared between the body, the exchange (whose
-/// `response_header` clock runs from the body's last progress) and the connection (which is clean
-/// for reuse only once the body has ended).
+/// `response_header` clock runs from the body's last progress), the connection (which is clean
+/// for reuse only once the body has ended) and the request path (which tells the client's
+/// failures from the backend's).
 #[derive(Debug)]
 pub struct Upload {
     // tokio's clock, like the deadline it extends, so a paused test clock governs both.
     start: tokio::time::Instant,
     last_progress_ns: AtomicU64,
     done: AtomicBool,
+    /// `UPLOAD_OK`, `UPLOAD_BROKEN` or `UPLOAD_TOO_LARGE`.
+    outcome: AtomicU8,
 }
+
+const UPLOAD_OK: u8 = 0;
+const UPLOAD_BROKEN: u8 = 1;
+const UPLOAD_TOO_LARGE: u8 = 2;
+
+/// A request body that grew past `limits.max_body_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+pub struct BodyTooLarge(pub u64);
 
 impl Upload {
     fn new() -> Self {
@@ -47,7 +59,18 @@ impl Upload {
             start: tokio::time::Instant::now(),
             last_progress_ns: AtomicU64::new(0),
             done: AtomicBool::new(false),
+            outcome: AtomicU8::new(UPLOAD_OK),
         }
+    }
+
+    /// Whether the client's body failed: it broke off, or its framing was invalid.
+    pub fn is_broken(&self) -> bool {
+        self.outcome.load(Ordering::Acquire) == UPLOAD_BROKEN
+    }
+
+    /// Whether the client's body was cut at `limits.max_body_bytes`.
+    pub fn is_too_large(&self) -> bool {
+        self.outcome.load(Ordering::Acquire) == UPLOAD_TOO_LARGE
     }
 
     fn progressed(&self) {
@@ -73,16 +96,21 @@ pin_project! {
         inner: Either<Incoming, Empty<Bytes>>,
         // None when there is no body to send, which spares bodiless requests an allocation.
         upload: Option<Arc<Upload>>,
+        // `limits.max_body_bytes`, and the bytes sent so far.
+        limit: Option<u64>,
+        sent: u64,
     }
 }
 
 impl UpstreamBody {
-    /// Streams the client's body.
-    pub fn streaming(body: Incoming) -> Self {
+    /// Streams the client's body, failing it once more than `limit` bytes arrive.
+    pub fn streaming(body: Incoming, limit: Option<u64>) -> Self {
         let upload = (!body.is_end_stream()).then(|| Arc::new(Upload::new()));
         UpstreamBody {
             inner: Either::Left(body),
             upload,
+            limit,
+            sent: 0,
         }
     }
 
@@ -91,6 +119,8 @@ impl UpstreamBody {
         UpstreamBody {
             inner: Either::Right(Empty::new()),
             upload: None,
+            limit: None,
+            sent: 0,
         }
     }
 
@@ -112,7 +142,14 @@ impl Body for UpstreamBody {
         let polled = this.inner.as_mut().poll_frame(cx);
         if let Some(upload) = this.upload {
             match &polled {
-                Poll::Ready(Some(Ok(_))) => {
+                Poll::Ready(Some(Ok(frame))) => {
+                    *this.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if let Some(limit) = this.limit.filter(|&limit| *this.sent > limit) {
+                        // Cut: the backend gets a body that never ends, and its connection is
+                        // not reused.
+                        upload.outcome.store(UPLOAD_TOO_LARGE, Ordering::Release);
+                        return Poll::Ready(Some(Err(BodyTooLarge(limit).into())));
+                    }
                     upload.progressed();
                     if this.inner.is_end_stream() {
                         upload.done.store(true, Ordering::Release);
@@ -122,7 +159,10 @@ impl Body for UpstreamBody {
                     upload.progressed();
                     upload.done.store(true, Ordering::Release);
                 }
-                _ => {}
+                Poll::Ready(Some(Err(_))) => {
+                    upload.outcome.store(UPLOAD_BROKEN, Ordering::Release);
+                }
+                Poll::Pending => {}
             }
         }
         polled
@@ -165,7 +205,7 @@ impl std::fmt::Debug for PooledConn {
 
 impl PooledConn {
     /// Whether the request's body was sent whole, so the connection carries no leftover of it.
-    fn request_done(&self) -> bool {
+    pub fn request_done(&self) -> bool {
         self.upload.as_ref().is_none_or(|u| u.is_done())
     }
 }

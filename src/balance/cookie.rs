@@ -95,7 +95,8 @@ impl CookieAffinity {
             .secrets
             .iter()
             .map(|secret| {
-                let mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+                let mac =
+                    HmacSha256::new_from_slice(secret.expose()).expect("HMAC takes any key length");
                 let member_ids: Vec<u64> = members
                     .iter()
                     .map(|m| backend_id(&mac, &m.spec.address.to_string()))
@@ -320,12 +321,13 @@ mod tests {
     use super::*;
     use crate::balance::testing::{facts, members};
     use crate::balance::RoundRobin;
-    use crate::config::StrategyKind;
+    use crate::config::{Secret, StrategyKind};
 
     fn config(secrets: &[&str]) -> CookieConfig {
         CookieConfig {
             name: "sy".into(),
-            secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            secrets: secrets.iter().map(|s| Secret::new(s.as_bytes())).collect(),
+            generated: false,
             fallback: StrategyKind::RoundRobin,
             max_age: None,
             secure: false,
@@ -531,5 +533,75 @@ mod tests {
         let again = a.choose(&facts(&with_cookie(&fresh)), &c).unwrap();
         assert_eq!(again.index, 1);
         assert!(again.set_cookie.is_none());
+    }
+
+    mod properties {
+        //! The token codec under arbitrary input: never a panic, never a token that verifies
+        //! under a secret it was not signed with.
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::balance::Strategy;
+
+        fn at(now: u64) -> Now {
+            Now(std::cell::Cell::new(Some(now)))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any bytes — of any length, or of a token's length in its alphabet — are either
+            /// no token or a token naming a member; verifying never panics.
+            #[test]
+            fn any_bytes_are_no_token_or_a_valid_one(
+                bytes in prop::collection::vec(any::<u8>(), 0..160),
+                shaped in "[A-Za-z0-9_-]{66}",
+            ) {
+                prop_assert_eq!(ENCODED_LEN, 66, "the shaped input's length");
+                let members = members(&[1, 1, 1]);
+                let mut cfg = config(&["0123456789abcdef"]);
+                cfg.max_age = Some(Duration::from_secs(3600));
+                let a = affinity(&cfg, &members);
+                for input in [&bytes[..], shaped.as_bytes()] {
+                    if let Some((_, index)) = a.verify(input, &at(1_000_000)) {
+                        prop_assert!(index.is_some_and(|i| i < members.len()));
+                    }
+                    // Through the strategy, from a Cookie header, as a client would send it.
+                    if let Ok(value) = HeaderValue::from_bytes(&[b"sy=", input].concat()) {
+                        let mut headers = HeaderMap::new();
+                        headers.insert(COOKIE, value);
+                        let c = Candidates::new(&members, 3, &[]);
+                        let choice = a.choose(&facts(&headers), &c).unwrap();
+                        prop_assert!(choice.index < members.len());
+                        prop_assert_ne!(choice.affinity, Affinity::Hit);
+                    }
+                }
+            }
+
+            /// A token verifies under the secret that signed it, for the member it names, and
+            /// under no other secret; changing any one of its characters spoils it.
+            #[test]
+            fn a_token_verifies_only_under_its_own_secret(
+                signer in "[ -~]{16,40}",
+                other in "[ -~]{16,40}",
+                member in 0usize..3,
+                issued in 0u64..4_000_000_000,
+                position in 0usize..66,
+                replacement in "[A-Za-z0-9_-]",
+            ) {
+                prop_assume!(signer != other);
+                let members = members(&[1, 1, 1]);
+                let signed = affinity(&config(&[signer.as_str()]), &members);
+                let token = signed.token_for(member, issued);
+                let now = at(issued);
+                prop_assert_eq!(signed.verify(token.as_bytes(), &now).map(|(_, i)| i), Some(Some(member)));
+                let stranger = affinity(&config(&[other.as_str()]), &members);
+                prop_assert!(stranger.verify(token.as_bytes(), &now).is_none());
+                let mut altered = token.clone().into_bytes();
+                altered[position] = replacement.as_bytes()[0];
+                prop_assume!(altered != token.as_bytes());
+                prop_assert!(signed.verify(&altered, &now).is_none());
+            }
+        }
     }
 }

@@ -34,6 +34,8 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     /// Timeouts shared by every listener and pool.
     pub timeouts: Timeouts,
+    /// `[limits]`: what one client may send, and how many clients a listener serves at once.
+    pub limits: Limits,
     /// `log_format` (default `text`): how access-log lines are written.
     pub log_format: LogFormat,
     /// `[runtime]`: read at start only.
@@ -65,7 +67,31 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// `admin.token`, or the value of `admin.token_env`: when set, admin requests must carry it as
     /// `Authorization: Bearer …`. At least 16 bytes of printable ASCII without spaces.
-    pub token: Option<Vec<u8>>,
+    pub token: Option<Secret>,
+}
+
+/// A secret from the config: a cookie signing key or the admin token. Its bytes are reached only
+/// through [`Secret::expose`], and its `Debug` prints `[redacted]`, so neither a log line nor an
+/// error built from a config (`?config`) can carry it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wraps the secret's bytes.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Secret(bytes.into())
+    }
+
+    /// The secret's bytes, for signing or comparing; never for printing.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
 }
 
 /// `log_format`: how access-log lines are written.
@@ -445,7 +471,10 @@ pub struct CookieConfig {
     pub name: String,
     /// `secret` (a string or a list) or the value of `secret_env`: the first signs, every one verifies.
     /// Empty only when the pool's strategy is not `cookie` and the secret could not be resolved.
-    pub secrets: Vec<Vec<u8>>,
+    pub secrets: Vec<Secret>,
+    /// `secret = "generate"`: `secrets` holds one random 32-byte key drawn when the config was
+    /// loaded. A reload that still says so keeps the running key ([`Config::keep_generated_secrets`]).
+    pub generated: bool,
     /// `fallback` (default `round_robin`): how clients without a valid cookie are placed.
     /// Never `Cookie`.
     pub fallback: StrategyKind,
@@ -487,7 +516,66 @@ impl Default for Timeouts {
     }
 }
 
+/// `[limits]`: bounds on what one client may send, checked before anything reaches a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// `max_header_bytes` (default 64 KiB): an HTTP/1 request line plus its header lines, or an
+    /// HTTP/2 header list (decoded, 32 bytes of overhead per field). A longer request line gets
+    /// `414`, a larger head `431`.
+    pub max_header_bytes: usize,
+    /// `max_headers` (default 100): header fields per request, else `431`.
+    pub max_headers: usize,
+    /// `max_body_bytes` (default none): a request body larger than this gets `413`, whether its
+    /// `Content-Length` says so or a chunked (or HTTP/2) body grows past it.
+    pub max_body_bytes: Option<u64>,
+    /// `max_connections` (default 10,000): open client connections per listener; one more is
+    /// accepted and closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: None,
+            max_connections: 10_000,
+        }
+    }
+}
+
 impl Config {
+    /// Takes the running key of every cookie pool that says `secret = "generate"` in both `old`
+    /// and `self`, so a reload does not invalidate every affinity cookie; returns the names of the
+    /// pools whose key is new (they start over, and say so in the log).
+    pub fn keep_generated_secrets(&mut self, old: &Config) -> Vec<String> {
+        let mut fresh = Vec::new();
+        for (name, pool) in &mut self.pools {
+            let Some(cookie) = pool.cookie.as_mut().filter(|c| c.generated) else {
+                continue;
+            };
+            let running = old
+                .pools
+                .get(name)
+                .and_then(|p| p.cookie.as_ref())
+                .filter(|c| c.generated);
+            match running {
+                Some(running) => cookie.secrets.clone_from(&running.secrets),
+                None => fresh.push(name.clone()),
+            }
+        }
+        fresh
+    }
+
+    /// The pools whose cookie key was generated when this config was loaded.
+    pub fn generated_secrets(&self) -> Vec<String> {
+        self.pools
+            .iter()
+            .filter(|(_, p)| p.cookie.as_ref().is_some_and(|c| c.generated))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         validate::load(path)

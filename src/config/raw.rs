@@ -40,6 +40,8 @@ pub struct RawConfig {
     pub timeouts: Option<RawTimeouts>,
     /// `[runtime]`.
     pub runtime: Option<RawRuntime>,
+    /// `[limits]`.
+    pub limits: Option<RawLimits>,
 }
 
 /// `[runtime]`.
@@ -299,4 +301,18 @@ pub struct RawTimeouts {
     pub shutdown: Option<Spanned<String>>,
     /// `upgraded_idle`.
     pub upgraded_idle: Option<Spanned<String>>,
+}
+
+/// `[limits]`: each a count, signed so that a negative one is reported by validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// `max_header_bytes`.
+    pub max_header_bytes: Option<Spanned<i64>>,
+    /// `max_headers`.
+    pub max_headers: Option<Spanned<i64>>,
+    /// `max_body_bytes`.
+    pub max_body_bytes: Option<Spanned<i64>>,
+    /// `max_connections`: per listener.
+    pub max_connections: Option<Spanned<i64>>,
 }

@@ -23,19 +23,28 @@ use rustls_pki_types::{CertificateDer, ServerName};
 
 use super::raw::{
     RawAdmin, RawBackend, RawCertificate, RawConfig, RawCookie, RawDiscovery, RawEtcd, RawHealth,
-    RawListener, RawPassive, RawPool, RawRoute, RawSecret, RawTimeouts,
+    RawLimits, RawListener, RawPassive, RawPool, RawRoute, RawSecret, RawTimeouts,
 };
 use super::{
     AdminConfig, BackendSpec, CertificateConfig, Config, CookieConfig, DiscoveryConfig,
-    DiscoverySource, DnsDiscovery, DnsQuery, DrainSticky, EtcdDiscovery, HealthConfig,
+    DiscoverySource, DnsDiscovery, DnsQuery, DrainSticky, EtcdDiscovery, HealthConfig, Limits,
     ListenerConfig, ListenerTls, LogFormat, PassiveConfig, PoolConfig, RouteConfig, RuntimeConfig,
-    StrategyKind, Timeouts, UpstreamTls,
+    Secret, StrategyKind, Timeouts, UpstreamTls,
 };
 use crate::tls::{self, LoadedKey, SniCertificate};
 
 /// Signing keys shorter than this are guessable; HMAC-SHA256 wants at least this much entropy.
 /// The admin token shares the floor: it guards the same proxy.
 const MIN_SECRET_BYTES: usize = 16;
+/// `secret = "generate"`: too short to be a secret itself, so it can mean nothing else.
+const GENERATE: &str = "generate";
+/// Bytes of a generated cookie key: HMAC-SHA256's block-size-safe, full-strength key length.
+const GENERATED_SECRET_BYTES: usize = 32;
+/// `[limits]` bounds: a head must hold a request line and a Host; past 1 MiB it is no longer a
+/// header but an upload, and hyper's read buffer is sized from it.
+const MIN_HEADER_BYTES: i64 = 1024;
+const MAX_HEADER_BYTES: i64 = 1024 * 1024;
+const MAX_HEADERS: i64 = 10_000;
 const MAX_WEIGHT: i64 = 1000;
 const DEFAULT_WEIGHT: u32 = 1;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -213,6 +222,7 @@ impl Checker<'_> {
         self.one_health_check_per_address(raw, &pools);
         self.one_tls_setting_per_address(raw, &pools);
         let timeouts = self.timeouts(raw.timeouts.as_ref());
+        let limits = self.limits(raw.limits.as_ref());
         let log_format = self.log_format(raw.log_format.as_ref());
         let runtime = RuntimeConfig {
             workers: raw
@@ -229,6 +239,7 @@ impl Checker<'_> {
             routes,
             pools,
             timeouts,
+            limits,
             log_format,
             runtime,
         }
@@ -265,7 +276,7 @@ impl Checker<'_> {
 
     /// `admin.token` or the value of `admin.token_env`; `None` when neither is set, and after the
     /// problems that leave no token to check.
-    fn admin_token(&mut self, raw: &RawAdmin) -> Option<Vec<u8>> {
+    fn admin_token(&mut self, raw: &RawAdmin) -> Option<Secret> {
         let (key, span, what, token) = match (&raw.token, &raw.token_env) {
             (None, None) => return None,
             (Some(_), Some(var)) => {
@@ -311,7 +322,7 @@ impl Checker<'_> {
             );
             self.report(key, Some(span), message);
         }
-        Some(token.into_bytes())
+        Some(Secret::new(token))
     }
 
     fn listeners(
@@ -1411,6 +1422,10 @@ impl Checker<'_> {
             }
         };
 
+        let generated = raw
+            .secret
+            .as_ref()
+            .is_some_and(|s| *s.get_ref() == RawSecret::One(GENERATE.to_owned()));
         let secrets = match (&raw.secret, &raw.secret_env) {
             (Some(_), Some(env)) => {
                 let message = "`secret` and `secret_env` are both set; keep one".to_owned();
@@ -1425,10 +1440,14 @@ impl Checker<'_> {
                     .map(|value| value.span())
                     .min_by_key(|span| span.start)
                     .unwrap_or_else(|| pool_name.span());
-                let message = "a secret is required: set `secret` or `secret_env`".to_owned();
+                let message = "a secret is required: set `secret` or `secret_env`, or \
+                               `secret = \"generate\"` for a random one that lives as long as the \
+                               process"
+                    .to_owned();
                 self.report(&format!("{key}.secret"), Some(anchor), message);
                 Vec::new()
             }
+            (Some(secret), None) if generated => self.generated_secret(&key, secret),
             (Some(secret), None) => self.literal_secrets(&format!("{key}.secret"), secret),
             (None, Some(env)) => self.env_secrets(&format!("{key}.secret_env"), env, required),
         };
@@ -1464,17 +1483,31 @@ impl Checker<'_> {
         CookieConfig {
             name,
             secrets,
+            generated,
             fallback,
             max_age,
             secure: raw.secure.unwrap_or(false),
         }
     }
 
-    fn literal_secrets(&mut self, key: &str, raw: &Spanned<RawSecret>) -> Vec<Vec<u8>> {
+    /// `secret = "generate"`: one random key, drawn from the operating system's CSPRNG (through
+    /// rustls' provider, already linked for TLS).
+    fn generated_secret(&mut self, key: &str, raw: &Spanned<RawSecret>) -> Vec<Secret> {
+        let mut secret = vec![0u8; GENERATED_SECRET_BYTES];
+        let random = rustls::crypto::ring::default_provider().secure_random;
+        if random.fill(&mut secret).is_err() {
+            let message = "cannot draw a random secret from the operating system".to_owned();
+            self.report(&format!("{key}.secret"), Some(raw.span()), message);
+            return Vec::new();
+        }
+        vec![Secret::new(secret)]
+    }
+
+    fn literal_secrets(&mut self, key: &str, raw: &Spanned<RawSecret>) -> Vec<Secret> {
         match raw.get_ref() {
             RawSecret::One(secret) => {
                 self.check_secret_length(key, raw.span(), "secret", secret);
-                vec![secret.clone().into_bytes()]
+                vec![Secret::new(secret.as_bytes())]
             }
             RawSecret::Many(secrets) => {
                 if secrets.is_empty() {
@@ -1487,13 +1520,13 @@ impl Checker<'_> {
                 }
                 secrets
                     .iter()
-                    .map(|secret| secret.get_ref().clone().into_bytes())
+                    .map(|secret| Secret::new(secret.get_ref().as_bytes()))
                     .collect()
             }
         }
     }
 
-    fn env_secrets(&mut self, key: &str, var: &Spanned<String>, required: bool) -> Vec<Vec<u8>> {
+    fn env_secrets(&mut self, key: &str, var: &Spanned<String>, required: bool) -> Vec<Secret> {
         let name = var.get_ref();
         if name.is_empty() {
             let message = "secret_env must name an environment variable".to_owned();
@@ -1523,7 +1556,7 @@ impl Checker<'_> {
             let what = format!("secret {} of `{name}`", i + 1);
             self.check_secret_length(key, var.span(), &what, secret);
         }
-        secrets.iter().map(|s| s.as_bytes().to_vec()).collect()
+        secrets.iter().map(|s| Secret::new(s.as_bytes())).collect()
     }
 
     /// Reports a secret that is too short, saying how long it is but never what it is.
@@ -1569,6 +1602,46 @@ impl Checker<'_> {
             .as_ref()
             .and_then(|value| self.duration("timeouts.upgraded_idle", value));
         timeouts
+    }
+
+    fn limits(&mut self, raw: Option<&RawLimits>) -> Limits {
+        let mut limits = Limits::default();
+        let Some(raw) = raw else {
+            return limits;
+        };
+        if let Some(value) = &raw.max_header_bytes {
+            let key = "limits.max_header_bytes";
+            if let Some(n) = self.bounded(key, value, MIN_HEADER_BYTES, MAX_HEADER_BYTES) {
+                limits.max_header_bytes = n as usize;
+            }
+        }
+        if let Some(value) = &raw.max_headers {
+            if let Some(n) = self.bounded("limits.max_headers", value, 1, MAX_HEADERS) {
+                limits.max_headers = n as usize;
+            }
+        }
+        if let Some(value) = &raw.max_body_bytes {
+            limits.max_body_bytes = self.bounded("limits.max_body_bytes", value, 1, i64::MAX);
+        }
+        if let Some(value) = &raw.max_connections {
+            let key = "limits.max_connections";
+            if let Some(n) = self.bounded(key, value, 1, MAX_CONNECTIONS) {
+                limits.max_connections = n as usize;
+            }
+        }
+        limits
+    }
+
+    /// An integer within `min..=max` (`min` ≥ 0), or an error naming the bounds.
+    fn bounded(&mut self, key: &str, raw: &Spanned<i64>, min: i64, max: i64) -> Option<u64> {
+        let value = *raw.get_ref();
+        if (min..=max).contains(&value) {
+            u64::try_from(value).ok()
+        } else {
+            let message = format!("{value} is out of range: expected {min} to {max}");
+            self.report(key, Some(raw.span()), message);
+            None
+        }
     }
 
     /// A backend's `address`: `IP:port` (or `http://IP:port`), or `https://HOST[:port]` (port
@@ -2059,6 +2132,12 @@ client_header = "2m"
 idle = "24h"
 shutdown = "1s"
 upgraded_idle = "10m"
+
+[limits]
+max_header_bytes = 16384
+max_headers = 50
+max_body_bytes = 10485760
+max_connections = 500
 "#;
 
     #[test]
@@ -2069,7 +2148,7 @@ upgraded_idle = "10m"
             config.admin,
             Some(AdminConfig {
                 listen: "127.0.0.1:9901".parse().unwrap(),
-                token: Some(b"0123456789abcdef-admin".to_vec()),
+                token: Some(Secret::new(*b"0123456789abcdef-admin")),
             })
         );
         assert_eq!(config.log_format, LogFormat::Json);
@@ -2147,9 +2226,10 @@ upgraded_idle = "10m"
             Some(CookieConfig {
                 name: "sy_affinity".to_owned(),
                 secrets: vec![
-                    b"0123456789abcdef0123".to_vec(),
-                    b"fedcba9876543210".to_vec()
+                    Secret::new(*b"0123456789abcdef0123"),
+                    Secret::new(*b"fedcba9876543210")
                 ],
+                generated: false,
                 fallback: StrategyKind::LeastConnections,
                 max_age: Some(Duration::from_secs(24 * 3600)),
                 secure: true,
@@ -2164,6 +2244,15 @@ upgraded_idle = "10m"
                 idle: Duration::from_secs(24 * 3600),
                 shutdown: Duration::from_secs(1),
                 upgraded_idle: Some(Duration::from_secs(600)),
+            }
+        );
+        assert_eq!(
+            config.limits,
+            Limits {
+                max_header_bytes: 16384,
+                max_headers: 50,
+                max_body_bytes: Some(10 * 1024 * 1024),
+                max_connections: 500,
             }
         );
     }
@@ -2198,6 +2287,15 @@ secret = "0123456789abcdef"
                 upgraded_idle: None,
             }
         );
+        assert_eq!(
+            config.limits,
+            Limits {
+                max_header_bytes: 65536,
+                max_headers: 100,
+                max_body_bytes: None,
+                max_connections: 10_000,
+            }
+        );
         let pool = &config.pools["app"];
         assert_eq!(pool.backends[0].weight, 1);
         assert!(pool.trusted_proxies.is_empty());
@@ -2212,7 +2310,8 @@ secret = "0123456789abcdef"
             pool.cookie,
             Some(CookieConfig {
                 name: "switchyard".to_owned(),
-                secrets: vec![b"0123456789abcdef".to_vec()],
+                secrets: vec![Secret::new(*b"0123456789abcdef")],
+                generated: false,
                 fallback: StrategyKind::RoundRobin,
                 max_age: None,
                 secure: false,
@@ -2248,7 +2347,7 @@ listen = "127.0.0.1:9901"
         .unwrap();
         // Unlike a cookie secret, the token is the whole value: a comma is not a separator.
         assert_eq!(
-            config.admin.unwrap().token.as_deref(),
+            config.admin.unwrap().token.as_ref().map(Secret::expose),
             Some(&b"0123456789abcdef,fedcba"[..])
         );
     }
@@ -2741,21 +2840,6 @@ max_ejected_percent = 101
     }
 
     #[test]
-    fn runtime_workers_is_optional_and_bounded() {
-        let base = "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n";
-        let config = check(base).unwrap();
-        assert_eq!(config.runtime.workers, None);
-        assert!(config.runtime.worker_threads() >= 1);
-        let config = check(&format!("{base}[runtime]\nworkers = 1\n")).unwrap();
-        assert_eq!(config.runtime.worker_threads(), 1);
-        only_error(
-            &format!("{base}[runtime]\nworkers = 0\n"),
-            "runtime.workers",
-            Some(4),
-        );
-    }
-
-    #[test]
     fn rejects_slow_start_with_ip_hash_placement() {
         let error = only_error(
             r#"
@@ -2890,12 +2974,85 @@ backends = [{ address = "127.0.0.1:9001" }]
     }
 
     #[test]
+    fn generate_draws_a_random_secret_and_a_reload_keeps_it() {
+        let text = format!("{COOKIE_POOL}secret = \"generate\"\n");
+        let first = check(&text).unwrap();
+        let cookie = first.pools["app"].cookie.as_ref().unwrap();
+        assert!(cookie.generated);
+        assert_eq!(cookie.secrets.len(), 1);
+        assert_eq!(cookie.secrets[0].expose().len(), 32);
+        assert_eq!(first.generated_secrets(), ["app"]);
+        // Each load draws its own key...
+        let mut second = check(&text).unwrap();
+        assert_ne!(second.pools["app"].cookie, first.pools["app"].cookie);
+        // ...and a reload that still says "generate" keeps the running one.
+        assert!(second.keep_generated_secrets(&first).is_empty());
+        assert_eq!(second.pools["app"].cookie, first.pools["app"].cookie);
+        // One that had a literal secret before starts a new key, and says so.
+        let literal = check(&format!("{COOKIE_POOL}secret = \"0123456789abcdef\"\n")).unwrap();
+        let mut third = check(&text).unwrap();
+        assert_eq!(third.keep_generated_secrets(&literal), ["app"]);
+        // "generate" in a list is no keyword: it is a secret, and too short.
+        only_error(
+            &format!("{COOKIE_POOL}secret = [\"generate\"]\n"),
+            "pools.app.cookie.secret[0]",
+            Some(10),
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_and_never_echoed_in_errors() {
+        let config = check(&format!("{ADMIN}token = \"admin-token-SEEKRIT-0001\"\n")).unwrap();
+        assert!(!format!("{config:?}").contains("SEEKRIT"));
+        let text = format!("{COOKIE_POOL}secret = \"cookie-SEEKRIT-02\"\nmax_age = \"soon\"\n");
+        let config = check(&text.replace("max_age = \"soon\"\n", "")).unwrap();
+        assert!(!format!("{config:?}").contains("SEEKRIT"), "{config:?}");
+        // Errors about secrets, and next to them, give lengths and names, never values.
+        let too_short = [
+            format!("{COOKIE_POOL}secret = \"SEEKRIT\"\n"),
+            format!("{COOKIE_POOL}secret = [\"0123456789abcdef\", \"SEEKRIT\"]\n"),
+            format!("{ADMIN}token = \"SEEKRIT\"\n"),
+            format!("{ADMIN}token = \"SEEKRIT SEEKRIT SEEKRIT\"\n"),
+            format!("{ADMIN}token = \"SEEKRIT-0123456789\"\ntoken_env = \"X\"\n"),
+            format!("{COOKIE_POOL}secret = \"SEEKRIT-0123456789\"\nsecret_env = \"X\"\n"),
+            text,
+        ];
+        for text in too_short {
+            let errors = check(&text).expect_err(&text);
+            assert!(!errors.to_string().contains("SEEKRIT"), "{errors}");
+            assert!(!format!("{errors:?}").contains("SEEKRIT"), "{errors:?}");
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_with_their_keys() {
+        let base = "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n\n[limits]\n";
+        let cases = [
+            ("max_header_bytes = 1023", "limits.max_header_bytes"),
+            ("max_header_bytes = 2000000", "limits.max_header_bytes"),
+            ("max_headers = 0", "limits.max_headers"),
+            ("max_body_bytes = 0", "limits.max_body_bytes"),
+            ("max_body_bytes = -5", "limits.max_body_bytes"),
+            ("max_connections = 0", "limits.max_connections"),
+        ];
+        for (line, key) in cases {
+            let error = only_error(&format!("{base}{line}\n"), key, Some(5));
+            assert!(error.message.contains("out of range"), "{error}");
+        }
+        let error = only_error(&format!("{base}max_body = 5\n"), "limits.max_body", Some(5));
+        assert!(error.message.contains("unknown key"), "{error}");
+    }
+
+    #[test]
     fn secret_env_is_read_and_split() {
         let config = check(&format!("{COOKIE_POOL}secret_env = \"{SECRET_ENV}\"\n")).unwrap();
         let cookie = config.pools["app"].cookie.as_ref().unwrap();
         assert_eq!(
             cookie.secrets,
-            [b"0123456789abcdef".to_vec(), b"fedcba9876543210".to_vec()]
+            [
+                Secret::new(*b"0123456789abcdef"),
+                Secret::new(*b"fedcba9876543210")
+            ]
         );
     }
 
@@ -3506,6 +3663,305 @@ backends = [
                 .to_string()
                 .starts_with("/nonexistent/switchyard/proxy.toml: cannot read the config file: "),
             "{error}"
+        );
+    }
+
+    mod properties {
+        //! The loader under arbitrary input: any text, a valid file with a few bytes changed, or
+        //! any structure of the file's own keys with values of any type. It answers a config or
+        //! errors, never a panic, and every error has a key or a place.
+        use proptest::prelude::*;
+        use toml::value::{Table, Value};
+
+        use super::*;
+
+        fn load(text: &str) {
+            let result = parse_with_env(text, Path::new("proxy.toml"), &|_| None);
+            if let Err(errors) = result {
+                assert!(!errors.0.is_empty());
+                for error in &errors.0 {
+                    let shown = error.to_string();
+                    assert!(shown.starts_with("proxy.toml"), "{shown}");
+                    if let Some(line) = error.line {
+                        assert!(
+                            line >= 1 && line <= text.lines().count().max(1) + 1,
+                            "{shown}"
+                        );
+                    }
+                }
+            }
+        }
+
+        /// A string as the file might hold one: plausible values (no host names, which would be
+        /// resolved, and no paths outside the working directory), or any short text.
+        fn string() -> impl Strategy<Value = Value> {
+            let words = prop::sample::select(vec![
+                "127.0.0.1:0",
+                "127.0.0.1:9001",
+                "[::1]:80",
+                "https://127.0.0.1:1",
+                "round_robin",
+                "least_connections",
+                "ip_hash",
+                "cookie",
+                "generate",
+                "5s",
+                "0s",
+                "250ms",
+                "24h",
+                "/",
+                "/api",
+                "200-399",
+                "200,204",
+                "keep",
+                "move",
+                "json",
+                "text",
+                "10.0.0.0/8",
+                "0123456789abcdef",
+                "app",
+                "",
+                "*.example.com",
+            ]);
+            prop_oneof![
+                3 => words.prop_map(|w| Value::String(w.to_owned())),
+                1 => "[a-z0-9:. _-]{0,12}".prop_map(Value::String),
+            ]
+        }
+
+        /// Any value but a table or a list.
+        fn leaf() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                string(),
+                any::<i64>().prop_map(Value::Integer),
+                any::<f64>().prop_map(Value::Float),
+                any::<bool>().prop_map(Value::Boolean),
+            ]
+        }
+
+        /// What a key holds.
+        #[derive(Clone, Copy)]
+        enum Kind {
+            Str,
+            Int,
+            Float,
+            Flag,
+            /// A list of strings.
+            Strs,
+            /// A string or a list of strings (`secret`).
+            OneOrMore,
+            /// A table of these keys.
+            Of(&'static [(&'static str, Kind)]),
+            /// A list of tables of these keys (`[[listeners]]`, `backends`).
+            Many(&'static [(&'static str, Kind)]),
+        }
+
+        use Kind::*;
+
+        const TLS: &[(&str, Kind)] = &[("cert", Str), ("key", Str)];
+        const CERTIFICATE: &[(&str, Kind)] = &[("cert", Str), ("key", Str), ("server_names", Strs)];
+        const LISTENER: &[(&str, Kind)] = &[
+            ("listen", Str),
+            ("tls", Of(TLS)),
+            ("certificates", Many(CERTIFICATE)),
+            ("redirect_https", Flag),
+        ];
+        const ROUTE: &[(&str, Kind)] = &[("host", Str), ("path_prefix", Str), ("pool", Str)];
+        const BACKEND: &[(&str, Kind)] =
+            &[("address", Str), ("weight", Int), ("max_connections", Int)];
+        const COOKIE: &[(&str, Kind)] = &[
+            ("name", Str),
+            ("secret", OneOrMore),
+            ("secret_env", Str),
+            ("fallback", Str),
+            ("max_age", Str),
+            ("secure", Flag),
+        ];
+        const HEALTH: &[(&str, Kind)] = &[
+            ("path", Str),
+            ("host", Str),
+            ("interval", Str),
+            ("timeout", Str),
+            ("unhealthy_threshold", Int),
+            ("healthy_threshold", Int),
+            ("expected_status", Str),
+        ];
+        const PASSIVE: &[(&str, Kind)] = &[
+            ("enabled", Flag),
+            ("consecutive_failures", Int),
+            ("ejection_time", Str),
+            ("max_ejection_time", Str),
+            ("max_ejected_percent", Int),
+        ];
+        const POOL: &[(&str, Kind)] = &[
+            ("strategy", Str),
+            ("backends", Many(BACKEND)),
+            ("trusted_proxies", Strs),
+            ("drain_timeout", Str),
+            ("drain_sticky", Str),
+            ("cookie", Of(COOKIE)),
+            ("retries", Int),
+            ("slow_start", Str),
+            ("max_connections", Int),
+            ("balance_factor", Float),
+            ("health", Of(HEALTH)),
+            ("passive", Of(PASSIVE)),
+            ("ca", Str),
+        ];
+        const ADMIN_KEYS: &[(&str, Kind)] = &[("listen", Str), ("token", Str), ("token_env", Str)];
+        const TIMEOUTS: &[(&str, Kind)] = &[
+            ("connect", Str),
+            ("response_header", Str),
+            ("client_header", Str),
+            ("idle", Str),
+            ("shutdown", Str),
+            ("upgraded_idle", Str),
+        ];
+        const LIMITS: &[(&str, Kind)] = &[
+            ("max_header_bytes", Int),
+            ("max_headers", Int),
+            ("max_body_bytes", Int),
+            ("max_connections", Int),
+        ];
+
+        /// Mostly a value of the kind the key takes, sometimes any value.
+        fn typed(kind: Kind) -> BoxedStrategy<Value> {
+            let right = match kind {
+                Str => string().boxed(),
+                Int => prop_oneof![(-2i64..70_000), any::<i64>()]
+                    .prop_map(Value::Integer)
+                    .boxed(),
+                Float => prop_oneof![0.5f64..120.0, any::<f64>()]
+                    .prop_map(Value::Float)
+                    .boxed(),
+                Flag => any::<bool>().prop_map(Value::Boolean).boxed(),
+                Strs => prop::collection::vec(typed(Str), 0..4)
+                    .prop_map(Value::Array)
+                    .boxed(),
+                OneOrMore => prop_oneof![typed(Str), typed(Strs)].boxed(),
+                Of(keys) => table(keys),
+                Many(keys) => prop::collection::vec(table(keys), 0..3)
+                    .prop_map(Value::Array)
+                    .boxed(),
+            };
+            prop_oneof![30 => right, 1 => leaf()].boxed()
+        }
+
+        /// A table with some of `keys` (and now and then one it does not take).
+        fn table(keys: &'static [(&'static str, Kind)]) -> BoxedStrategy<Value> {
+            let fields: Vec<_> = keys
+                .iter()
+                .map(|&(key, kind)| {
+                    prop::option::weighted(0.6, typed(kind))
+                        .prop_map(move |v| v.map(|v| (key.to_owned(), v)))
+                })
+                .collect();
+            (fields, prop::option::weighted(0.02, leaf()))
+                .prop_map(|(fields, bogus)| {
+                    let mut table: Table = fields.into_iter().flatten().collect();
+                    if let Some(bogus) = bogus {
+                        table.insert("bogus".to_owned(), bogus);
+                    }
+                    Value::Table(table)
+                })
+                .boxed()
+        }
+
+        /// A whole file shaped like `proxy.toml`, values mostly of the right kinds.
+        fn document() -> impl Strategy<Value = Value> {
+            let pools = prop::collection::btree_map(
+                prop::sample::select(vec!["app", "api", "x"]),
+                table(POOL),
+                0..3,
+            );
+            (
+                prop::option::weighted(0.3, typed(Str)),
+                prop::option::weighted(0.5, table(ADMIN_KEYS)),
+                prop::option::weighted(0.9, typed(Many(LISTENER))),
+                prop::option::weighted(0.7, typed(Many(ROUTE))),
+                pools,
+                prop::option::weighted(0.5, table(TIMEOUTS)),
+                prop::option::weighted(0.5, table(LIMITS)),
+            )
+                .prop_map(
+                    |(log_format, admin, listeners, routes, pools, timeouts, limits)| {
+                        let mut doc = Table::new();
+                        let sections = [
+                            ("log_format", log_format),
+                            ("admin", admin),
+                            ("listeners", listeners),
+                            ("routes", routes),
+                            ("timeouts", timeouts),
+                            ("limits", limits),
+                        ];
+                        for (name, section) in sections {
+                            if let Some(section) = section {
+                                doc.insert(name.to_owned(), section);
+                            }
+                        }
+                        let pools = pools.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                        doc.insert("pools".to_owned(), Value::Table(pools));
+                        Value::Table(doc)
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_text_is_a_config_or_errors(text in any::<String>()) {
+                load(&text);
+            }
+
+            #[test]
+            fn toml_like_text_is_a_config_or_errors(
+                text in r#"(\[{1,2}[a-z.]{0,12}\]{1,2}\n|[a-z_]{1,12} ?= ?("[ -~]{0,10}"|[0-9-]{1,5}|\[\]|\{\}|true)\n){0,12}"#,
+            ) {
+                load(&text);
+            }
+
+            /// The complete example with up to four bytes changed, inserted or removed.
+            #[test]
+            fn a_valid_file_with_a_few_bytes_changed_is_a_config_or_errors(
+                edits in prop::collection::vec((any::<prop::sample::Index>(), 0u8..3, 0x20u8..0x7f), 1..5),
+            ) {
+                let mut bytes = EXAMPLE.as_bytes().to_vec();
+                for (at, kind, byte) in edits {
+                    let at = at.index(bytes.len());
+                    match kind {
+                        0 => bytes[at] = byte,
+                        1 => bytes.insert(at, byte),
+                        _ => {
+                            bytes.remove(at);
+                        }
+                    }
+                }
+                load(&String::from_utf8_lossy(&bytes));
+            }
+
+            #[test]
+            fn any_structure_of_its_keys_is_a_config_or_errors(doc in document()) {
+                let Ok(text) = toml::to_string(&doc) else {
+                    return Ok(());
+                };
+                load(&text);
+            }
+        }
+    }
+
+    #[test]
+    fn runtime_workers_is_optional_and_bounded() {
+        let base = "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n";
+        let config = check(base).unwrap();
+        assert_eq!(config.runtime.workers, None);
+        assert!(config.runtime.worker_threads() >= 1);
+        let config = check(&format!("{base}[runtime]\nworkers = 1\n")).unwrap();
+        assert_eq!(config.runtime.worker_threads(), 1);
+        only_error(
+            &format!("{base}[runtime]\nworkers = 0\n"),
+            "runtime.workers",
+            Some(4),
         );
     }
 

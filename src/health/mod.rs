@@ -5,7 +5,8 @@
 //! - active checks ([`active`]): an HTTP GET in the background marks a backend down after
 //!   `unhealthy_threshold` failures and up after `healthy_threshold` passes;
 //! - passive checks ([`observe`], on the request path): `consecutive_failures` connection errors,
-//!   timeouts or 5xx answers eject a backend for `ejection_time`, doubling on repeated ejections,
+//!   timeouts, 5xx answers or response bodies that break off (counted when the body ends, by
+//!   [`crate::proxy::BodyWatch`]) eject a backend for `ejection_time`, doubling on repeated ejections,
 //!   never ejecting more than `max_ejected_percent` of a pool. With active checks configured, the
 //!   checks readmit an ejected backend (HAProxy's `observe` + `rise`); without, a timer does;
 //! - slow start: a backend that was added or came back ramps its share of new work from

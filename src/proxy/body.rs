@@ -1,8 +1,11 @@
 //! The response body handed to the client: either the backend's body streamed through, holding the
-//! backend's in-flight guard and connection until its last byte, or a short local body.
+//! backend's in-flight guard and connection until its last byte, or a short local body. A backend
+//! body that breaks off, stalls or is shorter than its Content-Length counts as a failure of the
+//! backend (passive health), as a failure before its response headers would.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,6 +15,8 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::backend::{InFlightGuard, PooledConn};
+use crate::health;
+use crate::state::{Shared, Snapshot};
 
 /// Errors a response body can end with; hyper then closes the client connection, so a truncated
 /// body never looks complete.
@@ -30,13 +35,57 @@ pub struct Finish {
     pub guard: InFlightGuard,
     /// The connection the response came on.
     pub conn: Option<PooledConn>,
+    /// Where to report how the body ended, when the response's outcome for passive health is
+    /// decided by its body (anything but a 5xx, which counts as a failure at once).
+    pub watch: Option<BodyWatch>,
+}
+
+/// The pool member a response body came from: the response counts as a success of the backend
+/// when its body ends, and as a failure when the body breaks off, ends short or stalls (like a
+/// failure before the headers). A body the client stopped reading counts as neither.
+#[derive(Debug)]
+pub struct BodyWatch {
+    shared: Arc<Shared>,
+    snapshot: Arc<Snapshot>,
+    pool: usize,
+    member: usize,
+}
+
+impl BodyWatch {
+    /// Member `member` of the snapshot's pool number `pool`.
+    pub fn new(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, pool: usize, member: usize) -> Self {
+        BodyWatch {
+            shared: Arc::clone(shared),
+            snapshot: Arc::clone(snapshot),
+            pool,
+            member,
+        }
+    }
+
+    fn observe(self, failed: bool) {
+        let pool = &self.snapshot.pools[self.pool];
+        health::observe(&self.shared, pool, self.member, failed);
+    }
 }
 
 impl Finish {
+    /// The backend's body failed (broke off, ended short, stalled): a failure of the backend,
+    /// unless the client's upload had not ended, in which case the client may be the cause. The
+    /// connection is not reused.
+    pub fn failed(mut self) {
+        let uploaded = self.conn.take().is_none_or(|conn| conn.request_done());
+        if let (true, Some(watch)) = (uploaded, self.watch.take()) {
+            watch.observe(true);
+        }
+    }
+
     /// The body ended cleanly: the connection can carry another request, unless the backend's
     /// drain has ended (its pool was emptied then and must stay empty). While it drains, sticky
     /// clients may still reuse connections.
     pub fn complete(mut self) {
+        if let Some(watch) = self.watch.take() {
+            watch.observe(false);
+        }
         let backend = self.guard.backend();
         if let Some(conn) = self.conn.take() {
             if !backend.is_out_of_rotation() {
@@ -126,12 +175,16 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    finish.take();
+                    if let Some(f) = finish.take() {
+                        f.failed();
+                    }
                     Poll::Ready(Some(Err(error.into())))
                 }
                 Poll::Pending => match stall.poll(cx) {
                     Poll::Ready(()) => {
-                        finish.take();
+                        if let Some(f) = finish.take() {
+                            f.failed();
+                        }
                         Poll::Ready(Some(Err(BodyStalled(*stall_limit).into())))
                     }
                     Poll::Pending => Poll::Pending,

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
 use ipnet::IpNet;
 
 /// Headers that never cross the proxy in either direction, `Upgrade` and the headers `Connection`
@@ -99,14 +100,20 @@ pub fn set_forwarded(
     host: Option<&HeaderValue>,
 ) {
     // `client` is the peer's IP, formatted once per connection; appending to what came before is
-    // byte concatenation, with no formatting per request.
-    let mut earlier = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    // byte concatenation, with no formatting per request. An empty header adds no entry (it would
+    // be an empty hop in the list).
+    let mut earlier = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(|v| v.as_bytes().trim_ascii())
+        .filter(|v| !v.is_empty())
+        .peekable();
     if earlier.peek().is_none() {
         headers.insert(X_FORWARDED_FOR, client.clone());
     } else {
         let mut xff = Vec::with_capacity(64);
         for v in earlier {
-            xff.extend_from_slice(v.as_bytes());
+            xff.extend_from_slice(v);
             xff.extend_from_slice(b", ");
         }
         xff.extend_from_slice(client.as_bytes());
@@ -156,6 +163,36 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         }
     }
     client
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, and any request with more than one `Host`
+/// line or a `Host` that is not `host[:port]`, is refused (`400`). An absolute-form target does
+/// not excuse a missing `Host`; it does take precedence over one (see [`request_host`]).
+pub fn check_host(version: Version, headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Err("more than one Host header"),
+        (None, _) if version == Version::HTTP_11 => Err("missing Host header"),
+        (Some(host), _) if !is_host(host.as_bytes()) => Err("invalid Host header"),
+        _ => Ok(()),
+    }
+}
+
+/// `uri-host [ ":" port ]`, or empty (RFC 9112 §3.2 lets a target without authority send that).
+fn is_host(value: &[u8]) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    if value.contains(&b'@') || http::uri::Authority::try_from(value).is_err() {
+        return false;
+    }
+    // `Authority` takes any text after the colon; a port is digits (RFC 3986 §3.2.3).
+    match value.iter().rposition(|&b| b == b':') {
+        Some(colon) if !value[colon..].contains(&b']') => {
+            value[colon + 1..].iter().all(u8::is_ascii_digit)
+        }
+        _ => true,
+    }
 }
 
 /// The host a request is addressed to, without a port: the URI's authority (HTTP/2, absolute form)
@@ -312,6 +349,37 @@ mod tests {
     }
 
     #[test]
+    fn host_must_be_one_valid_authority() {
+        let with = |hosts: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for host in hosts {
+                h.append(header::HOST, HeaderValue::from_static(host));
+            }
+            h
+        };
+        let v11 = Version::HTTP_11;
+        assert_eq!(check_host(v11, &with(&["a.example:8080"])), Ok(()));
+        assert_eq!(check_host(v11, &with(&["[::1]:80"])), Ok(()));
+        assert_eq!(check_host(v11, &with(&[""])), Ok(()));
+        assert_eq!(check_host(v11, &with(&[])), Err("missing Host header"));
+        assert_eq!(check_host(Version::HTTP_10, &with(&[])), Ok(()));
+        assert_eq!(check_host(Version::HTTP_2, &with(&[])), Ok(()));
+        let two = with(&["a.example", "b.example"]);
+        assert_eq!(check_host(v11, &two), Err("more than one Host header"));
+        assert_eq!(
+            check_host(Version::HTTP_10, &two),
+            Err("more than one Host header")
+        );
+        for bad in ["a b", "a.example/x", "user@a.example", "a.example:port"] {
+            assert_eq!(
+                check_host(v11, &with(&[bad])),
+                Err("invalid Host header"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn host_without_port() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -324,5 +392,114 @@ mod tests {
         assert_eq!(request_host(&uri, &h), Some("::1"));
         let abs: http::Uri = "http://b.example:9/x".parse().unwrap();
         assert_eq!(request_host(&abs, &h), Some("b.example"));
+    }
+
+    mod properties {
+        //! `X-Forwarded-For` as a client may write it: any text, any number of headers.
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// An entry: an address, an address with spaces or a port, or garbage.
+        fn entry() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<std::net::Ipv4Addr>().prop_map(|ip| ip.to_string()),
+                any::<std::net::Ipv6Addr>().prop_map(|ip| ip.to_string()),
+                any::<std::net::Ipv4Addr>().prop_map(|ip| format!("  {ip}\t")),
+                any::<std::net::SocketAddr>().prop_map(|a| a.to_string()),
+                "[ -~]{0,20}",
+            ]
+        }
+
+        /// One header value: entries joined by commas.
+        fn value() -> impl Strategy<Value = String> {
+            prop::collection::vec(entry(), 0..6).prop_map(|entries| entries.join(","))
+        }
+
+        fn headers(values: &[String]) -> HeaderMap {
+            let mut h = HeaderMap::new();
+            for v in values {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    h.append(X_FORWARDED_FOR, v);
+                }
+            }
+            h
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// From an untrusted peer the header is never believed, whatever it says.
+            #[test]
+            fn an_untrusted_peer_is_its_own_client(
+                values in prop::collection::vec(value(), 0..4),
+                peer in any::<std::net::IpAddr>(),
+            ) {
+                let h = headers(&values);
+                prop_assert_eq!(client_ip(peer, &h, &[]), peer);
+                let elsewhere: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+                prop_assume!(!elsewhere[0].contains(&peer));
+                prop_assert_eq!(client_ip(peer, &h, &elsewhere), peer);
+            }
+
+            /// From a trusted peer the client is the peer or an address the header holds: the
+            /// right-most entry that is not trusted, or the peer when the right-most one is
+            /// unreadable.
+            #[test]
+            fn a_trusted_peer_forwards_an_address_from_the_header(
+                values in prop::collection::vec(value(), 0..4),
+                last in any::<std::net::Ipv4Addr>(),
+            ) {
+                let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+                let peer: IpAddr = "10.0.0.1".parse().unwrap();
+                let h = headers(&values);
+                let client = client_ip(peer, &h, &trusted);
+                let entries: Vec<String> = h
+                    .get_all(&X_FORWARDED_FOR)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .map(|e| e.trim().to_owned())
+                    .collect();
+                prop_assert!(client == peer || entries.contains(&client.to_string()));
+                // Whatever the client wrote to the left, its last hop decides.
+                let mut with_last = values.clone();
+                with_last.push(last.to_string());
+                let expected = if trusted[0].contains(&IpAddr::V4(last)) {
+                    None
+                } else {
+                    Some(IpAddr::V4(last))
+                };
+                let client = client_ip(peer, &headers(&with_last), &trusted);
+                if let Some(expected) = expected {
+                    prop_assert_eq!(client, expected);
+                }
+            }
+
+            /// Appending keeps what was there, in order (empty headers aside), and adds the
+            /// peer last.
+            #[test]
+            fn forwarding_appends_the_peer(
+                values in prop::collection::vec(value(), 0..4),
+                peer in any::<std::net::IpAddr>(),
+            ) {
+                let mut h = headers(&values);
+                let before: Vec<String> = h
+                    .get_all(&X_FORWARDED_FOR)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok().map(|v| v.trim().to_owned()))
+                    .filter(|v| !v.is_empty())
+                    .collect();
+                set_forwarded(&mut h, &peer_ip_value(peer), "http", None);
+                let after: Vec<&HeaderValue> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+                prop_assert_eq!(after.len(), 1);
+                let mut expected = before.join(", ");
+                if !expected.is_empty() {
+                    expected.push_str(", ");
+                }
+                expected.push_str(&peer.to_string());
+                prop_assert_eq!(after[0].to_str().unwrap(), expected);
+            }
+        }
     }
 }

@@ -14,15 +14,16 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 
-pub use body::{Finish, ProxyBody};
+pub use body::{BodyWatch, Finish, ProxyBody};
 pub use redirect::HttpsRedirect;
 
 use crate::backend::{SendError, UpstreamBody};
 use crate::balance::{Affinity, RequestFacts};
-use crate::config::{PoolConfig, StrategyKind};
+use crate::config::{Limits, PoolConfig, StrategyKind};
 use crate::error::ProxyError;
 use crate::health;
 use crate::metrics::MemberMetrics;
+use crate::server::framing::Rejection;
 use crate::state::{Pool, Shared, Snapshot};
 
 /// What the request path knows about the client connection.
@@ -41,12 +42,16 @@ pub struct ConnInfo {
 /// Proxies one request and always returns a response: the backend's, or a short error. The
 /// response body carries the request's [`Record`], which counts the request in the metrics and
 /// writes its access-log line when the body has been sent (or dropped).
+///
+/// A request whose HTTP/1 head was refused below hyper carries the [`Rejection`] as an
+/// extension, and is answered with it.
 pub async fn handle(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<LoggedBody> {
     let snapshot = shared.snapshot.load_full();
+    let rejection = request.extensions_mut().remove::<Rejection>();
     let mut record = Record {
         start: Instant::now(),
         client: conn.peer,
@@ -58,12 +63,22 @@ pub async fn handle(
         status: 0,
         bytes: 0,
     };
-    let result = match conn.redirect {
-        Some(redirect) => redirect.respond(request.uri(), request.headers()),
+    if rejection.is_some() {
+        // The request is a stand-in for a head that was never handed on: log none of it.
+        record.method = http::Method::from_bytes(b"-").unwrap_or_default();
+        record.uri = Uri::from_static("*");
+    }
+    let admitted = match rejection {
+        Some(rejection) => Err(ProxyError::from(rejection)),
+        None => admit(&request, &snapshot.config.limits),
+    };
+    let result = match (admitted, conn.redirect) {
+        (Err(error), _) => Err(error),
+        (Ok(()), Some(redirect)) => redirect.respond(request.uri(), request.headers()),
         // Boxed: hyper keeps room for one request future per connection for as long as the
         // connection lives, so the large forwarding state machine is allocated per request
         // instead, and an idle keep-alive connection holds only this small wrapper.
-        None => Box::pin(forward(shared, &snapshot, conn, request, &mut record)).await,
+        (Ok(()), None) => Box::pin(forward(shared, &snapshot, conn, request, &mut record)).await,
     };
     let response = match result {
         Ok(response) => response,
@@ -161,28 +176,41 @@ impl Body for LoggedBody {
     }
 }
 
+/// The limits every request is held to before anything else, HTTP/1 or HTTP/2: its field count
+/// (HTTP/1 heads were counted below hyper already) and the length its body declares.
+fn admit(request: &Request<Incoming>, limits: &Limits) -> Result<(), ProxyError> {
+    if request.headers().len() > limits.max_headers {
+        return Err(ProxyError::HeadersTooLarge {
+            reason: Rejection::TooManyHeaders.reason(),
+        });
+    }
+    if let Some(limit) = limits.max_body_bytes {
+        // A Content-Length (or an HTTP/2 content-length) over the limit is refused before any
+        // backend is contacted; a body of unknown length is cut as it grows past it.
+        if request.body().size_hint().lower() > limit {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+    }
+    Ok(())
+}
+
 async fn forward(
     shared: &Arc<Shared>,
-    snapshot: &Snapshot,
+    snapshot: &Arc<Snapshot>,
     conn: &ConnInfo,
     mut request: Request<Incoming>,
     record: &mut Record,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    if request.version() == Version::HTTP_11
-        && request.uri().authority().is_none()
-        && !request.headers().contains_key(header::HOST)
-    {
-        return Err(ProxyError::BadRequest {
-            reason: "missing Host header",
-        });
-    }
+    headers::check_host(request.version(), request.headers())
+        .map_err(|reason| ProxyError::BadRequest { reason })?;
     let host = headers::request_host(request.uri(), request.headers());
-    let pool = snapshot
-        .route(host, request.uri().path())
+    let pool_index = snapshot
+        .route_index(host, request.uri().path())
         .ok_or_else(|| ProxyError::NoRoute {
             host: host.unwrap_or_default().to_owned(),
             path: request.uri().path().to_owned(),
         })?;
+    let pool = &snapshot.pools[pool_index];
     record.metrics = Arc::clone(&pool.metrics.unplaced);
 
     let client_ip = if hashes_client_ip(&pool.config) {
@@ -198,7 +226,9 @@ async fn forward(
         request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers());
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
     let wants_cookies = pool.config.strategy == StrategyKind::Cookie;
-    let (facts_headers, mut upstream) = upstream_request(request, conn, upgrading, wants_cookies)?;
+    let max_body = snapshot.config.limits.max_body_bytes;
+    let (facts_headers, mut upstream) =
+        upstream_request(request, conn, upgrading, wants_cookies, max_body)?;
     let facts = RequestFacts {
         client_ip,
         headers: &facts_headers,
@@ -252,7 +282,12 @@ async fn forward(
         {
             Ok((mut response, pooled)) => {
                 let status = response.status();
-                health::observe(shared, pool, choice.index, status.is_server_error());
+                // A 5xx is a failure at once, a switch of protocols a success; any other answer
+                // counts when its body has ended, whole or not (see `BodyWatch`).
+                let settled = status.is_server_error() || status.is_informational();
+                if settled {
+                    health::observe(shared, pool, choice.index, status.is_server_error());
+                }
                 if matches!(
                     status,
                     StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
@@ -309,6 +344,8 @@ async fn forward(
                 let finish = Finish {
                     guard,
                     conn: Some(pooled),
+                    watch: (!settled)
+                        .then(|| BodyWatch::new(shared, snapshot, pool_index, choice.index)),
                 };
                 return Ok(response.map(|body| {
                     if body.is_end_stream() {
@@ -349,6 +386,22 @@ async fn forward(
                     || matches!(&error, ProxyError::Upstream { source, .. } if source.is_user());
                 if !client_side {
                     health::observe(shared, pool, choice.index, true);
+                }
+                // The client's own body ended the exchange: over the limit (413), or broken off
+                // or malformed, such as an invalid chunk size (400).
+                if let Some(upload) = &upload {
+                    if upload.is_too_large() {
+                        let limit = max_body.unwrap_or_default();
+                        return Err(ProxyError::BodyTooLarge { limit });
+                    }
+                    if upload.is_broken() {
+                        return Err(match error {
+                            ProxyError::Upstream { backend, source } => {
+                                ProxyError::RequestBody { backend, source }
+                            }
+                            other => other,
+                        });
+                    }
                 }
                 // A timeout is not retried: the backend may still be working on the request, and
                 // the client has already waited the whole timeout once.
@@ -417,6 +470,7 @@ fn upstream_request(
     conn: &ConnInfo,
     upgrading: bool,
     wants_cookies: bool,
+    max_body: Option<u64>,
 ) -> Result<(http::HeaderMap, Request<UpstreamBody>), ProxyError> {
     let (mut parts, body) = request.into_parts();
     if parts.version == Version::HTTP_2 {
@@ -464,7 +518,7 @@ fn upstream_request(
     headers::set_forwarded(&mut parts.headers, &conn.peer_ip, conn.proto, host.as_ref());
     Ok((
         cookies,
-        Request::from_parts(parts, UpstreamBody::streaming(body)),
+        Request::from_parts(parts, UpstreamBody::streaming(body, max_body)),
     ))
 }
 
@@ -508,7 +562,7 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
     if error.status() == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    if matches!(error, ProxyError::BadRequest { .. }) {
+    if error.closes_connection() {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response

@@ -1,12 +1,14 @@
-//! Listeners and connections: the accept loops, TLS termination, HTTP/1.1 and HTTP/2 (ALPN over
-//! TLS, prior knowledge in cleartext) on the same socket, and graceful shutdown with a bounded
-//! wait. Listeners are keyed by their configured address so that a reload starts and stops only
+//! Listeners and connections: the accept loops (bounded by `limits.max_connections`), TLS
+//! termination, HTTP/1.1 and HTTP/2 (ALPN over TLS, prior knowledge in cleartext) on the same
+//! socket with the `[limits]` applied, and graceful shutdown with a bounded wait. HTTP/1 request
+//! heads are checked in [`framing`] before hyper reads them. Listeners are keyed by their configured address so that a reload starts and stops only
 //! the ones that changed; what a kept listener serves (its certificates, its https redirect) is
 //! swapped in place and applies to the connections it accepts next.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,15 +23,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
-use crate::config::{Config, ListenerConfig, Timeouts};
+use crate::config::{Config, Limits, ListenerConfig, Timeouts};
 use crate::discovery::Discovery;
 use crate::health::active::Checks;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ConnInfo, HttpsRedirect};
 use crate::state::Shared;
 
+pub mod framing;
 mod idle;
 
+use framing::{CheckedIo, HeadLimits, Verdict, Verdicts};
 use idle::{Activity, CountingIo};
 
 /// How many times per `timeouts.idle` period a client connection is checked for idleness.
@@ -37,12 +41,11 @@ const IDLE_CHECKS: u32 = 4;
 
 /// Most concurrent HTTP/2 streams per client connection.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
-/// Largest HTTP/2 header list a client may send (decoded, with the 32-byte per-field overhead of
-/// RFC 9113 §6.5.2); a larger one gets `431`. The h2 crate also derives from it how many
-/// CONTINUATION frames one header block may take (list size / frame size + 25%, at least 5), and
-/// ends the connection with ENHANCE_YOUR_CALM past that: a CONTINUATION flood costs it a bounded
-/// buffer, never unbounded memory or CPU.
-const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// The smallest HTTP/1 buffer hyper takes.
+const HYPER_MIN_BUF_SIZE: usize = 8192;
+/// hyper's default of header fields per HTTP/1 request; setting another costs it a heap allocation
+/// per request, so only another limit is set.
+const HYPER_MAX_HEADERS: usize = 100;
 /// Streams a client may open and reset before the server has even accepted them; past this the
 /// connection gets GOAWAY (ENHANCE_YOUR_CALM): the HTTP/2 "rapid reset" attack (CVE-2023-44487).
 const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
@@ -112,6 +115,9 @@ impl Server {
     /// answered (or failed) once, or after 5 seconds, whichever comes first.
     pub async fn start(config: Config) -> std::io::Result<Arc<Server>> {
         let bound = bind_all(&wanted_listeners(&config)).await?;
+        for pool in config.generated_secrets() {
+            crate::reload::warn_generated_secret(&pool);
+        }
         let server = Arc::new(Server {
             shared: Shared::new(config),
             listeners: Mutex::new(BTreeMap::new()),
@@ -286,17 +292,31 @@ impl Server {
     ) {
         let local = listener.local_addr().ok();
         let open = local.map(|local| self.metrics().downstream(local));
+        // This listener's open connections, for `limits.max_connections`.
+        let open_here = Arc::new(AtomicUsize::new(0));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        // Over the limit, a connection is accepted and closed at once: the client
+                        // learns right away, and the kernel's backlog does not fill with clients
+                        // waiting on a listener that will not take them.
+                        let max = self.shared.snapshot.load().config.limits.max_connections;
+                        if open_here.load(Ordering::Relaxed) >= max {
+                            self.metrics().downstream_refused(local);
+                            tracing::debug!(%peer, max, "connection refused: listener at max_connections");
+                            drop(stream);
+                            continue;
+                        }
+                        let here = OpenHere::new(Arc::clone(&open_here));
                         let server = Arc::clone(&self);
                         let counted = open.clone().map(OpenConnection::new);
                         let settings = settings.load_full();
                         self.connections.spawn(async move {
                             server.serve_connection(stream, peer, settings).await;
                             drop(counted);
+                            drop(here);
                         });
                     }
                     Err(error) => {
@@ -316,7 +336,13 @@ impl Server {
         settings: Arc<ListenerSettings>,
     ) {
         let _ = stream.set_nodelay(true);
-        let timeouts = self.shared.snapshot.load().config.timeouts.clone();
+        let (timeouts, limits) = {
+            let snapshot = self.shared.snapshot.load();
+            (
+                snapshot.config.timeouts.clone(),
+                snapshot.config.limits.clone(),
+            )
+        };
         // Counted below TLS, so a handshake that trickles in is activity too.
         let activity = Arc::new(Activity::default());
         let io = CountingIo::new(stream, Arc::clone(&activity));
@@ -327,7 +353,9 @@ impl Server {
                 proto: "http",
                 redirect: settings.redirect,
             };
-            return self.serve_http(io, info, activity, &timeouts).await;
+            return self
+                .serve_http(io, info, activity, &timeouts, &limits)
+                .await;
         };
         // A client gets `client_header` to finish the handshake, as it does to send its headers.
         let accepting = TlsAcceptor::from(Arc::clone(server_config)).accept(io);
@@ -352,7 +380,8 @@ impl Server {
             proto: "https",
             redirect: None,
         };
-        self.serve_http(stream, info, activity, &timeouts).await;
+        self.serve_http(stream, info, activity, &timeouts, &limits)
+            .await;
     }
 
     /// Serves HTTP/1.1 and HTTP/2 on one client connection until it ends, is idle for
@@ -363,34 +392,78 @@ impl Server {
         info: ConnInfo,
         activity: Arc<Activity>,
         timeouts: &Timeouts,
+        limits: &Limits,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let peer = info.peer;
+        // HTTP/1 heads are checked before hyper reads them (see `framing`); the verdicts go to
+        // the service, one per request.
+        let verdicts = Arc::new(Verdicts::default());
+        let head_limits = HeadLimits {
+            max_bytes: limits.max_header_bytes,
+            max_fields: limits.max_headers,
+        };
+        let io = CheckedIo::new(
+            io,
+            head_limits,
+            Arc::clone(&verdicts),
+            timeouts.client_header,
+        );
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // hyper starts this timer when an HTTP/1 connection goes idle too, so it also bounds idle
         // keep-alive connections; `idle` below covers HTTP/2 and longer `client_header` values.
-        builder
-            .http1()
+        let mut http1 = builder.http1();
+        http1
             .timer(TokioTimer::new())
             .header_read_timeout(timeouts.client_header)
-            .keep_alive(true);
+            .keep_alive(true)
+            // hyper's buffer holds one head at most, so the requests `framing` stepped aside from
+            // (after a refused upgrade) are bounded too; hyper answers 431 past it.
+            .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF_SIZE));
+        if limits.max_headers != HYPER_MAX_HEADERS {
+            http1.max_headers(limits.max_headers);
+        }
+        // The header list size bounds HTTP/2 heads (decoded, with the 32-byte per-field overhead
+        // of RFC 9113 §6.5.2); a larger one gets `431`. The h2 crate also derives from it how
+        // many CONTINUATION frames one header block may take (list size / frame size + 25%, at
+        // least 5), and ends the connection with ENHANCE_YOUR_CALM past that: a CONTINUATION
+        // flood costs it a bounded buffer, never unbounded memory or CPU.
+        let header_list = u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX);
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-            .max_header_list_size(H2_MAX_HEADER_LIST_SIZE)
+            .max_header_list_size(header_list)
             .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
         let shared = Arc::clone(&self.shared);
         let service_activity = Arc::clone(&activity);
         let info = Arc::new(info);
-        let service = service_fn(move |request| {
+        let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             let shared = Arc::clone(&shared);
             let info = Arc::clone(&info);
+            let verdicts = Arc::clone(&verdicts);
             let waiting = service_activity.wait();
+            let verdict = if request.version() < http::Version::HTTP_2 {
+                verdicts.next()
+            } else {
+                Verdict::default()
+            };
+            if let Some(rejection) = verdict.rejection {
+                request.extensions_mut().insert(rejection);
+            }
+            let connect = request.method() == http::Method::CONNECT;
             async move {
                 let response = proxy::handle(&shared, &info, request).await;
+                if verdict.upgrade {
+                    // Before hyper sends the answer: a 101 (or a 2xx to CONNECT) makes the rest
+                    // of the connection a tunnel; anything else, more requests.
+                    let status = response.status();
+                    let switched = status == http::StatusCode::SWITCHING_PROTOCOLS
+                        || (connect && status.is_success());
+                    verdicts.switched(switched);
+                }
                 drop(waiting);
                 Ok::<_, Infallible>(response)
             }
@@ -465,6 +538,22 @@ impl Server {
             );
         }
         finished
+    }
+}
+
+/// Counts one open connection against its listener's `max_connections` until dropped.
+struct OpenHere(Arc<AtomicUsize>);
+
+impl OpenHere {
+    fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        OpenHere(count)
+    }
+}
+
+impl Drop for OpenHere {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Config, CookieConfig, PoolConfig, StrategyKind};
+use crate::config::{Config, CookieConfig, PoolConfig, Secret, StrategyKind};
 
 pub use workload::Shape;
 
@@ -556,12 +556,13 @@ fn pool_for(pool: &PoolConfig, kind: StrategyKind) -> PoolConfig {
         let cookie = pool.cookie.get_or_insert_with(|| CookieConfig {
             name: "switchyard".into(),
             secrets: Vec::new(),
+            generated: false,
             fallback: StrategyKind::RoundRobin,
             max_age: None,
             secure: false,
         });
         if cookie.secrets.is_empty() {
-            cookie.secrets.push(SIMULATION_SECRET.to_vec());
+            cookie.secrets.push(Secret::new(SIMULATION_SECRET));
         }
     }
     pool

@@ -366,6 +366,11 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts `switchyard --config <file>` and waits for it to log its listening address.
     pub fn start(config_path: &Path) -> ProxyProcess {
+        ProxyProcess::start_logging(config_path, "info")
+    }
+
+    /// [`ProxyProcess::start`] with `RUST_LOG` set to `rust_log`.
+    pub fn start_logging(config_path: &Path, rust_log: &str) -> ProxyProcess {
         // One log per process: two processes may share a config file.
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
@@ -374,7 +379,7 @@ impl ProxyProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .arg("--config")
             .arg(config_path)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -425,7 +430,8 @@ impl ProxyProcess {
     pub fn admin_addr(&self) -> SocketAddr {
         let log = self.log();
         log.lines()
-            .find_map(|l| l.split("admin=").nth(1))
+            .find(|l| l.contains("admin listening"))
+            .and_then(|l| l.split("admin=").nth(1))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|a| a.trim_matches('"').parse().ok())
             .unwrap_or_else(|| panic!("no admin listening line in:\n{log}"))
@@ -589,4 +595,191 @@ pub fn run_check(path: &Path) -> std::process::Output {
         .env("NO_COLOR", "1")
         .output()
         .expect("switchyard binary runs")
+}
+
+/// One request as [`wire_backend`] read it off the wire: the head as sent (request line and
+/// header lines, without the final empty line) and the body, de-chunked.
+#[derive(Debug, Clone)]
+pub struct Wire {
+    pub head: String,
+    pub body: Vec<u8>,
+    /// Whether the body came chunked.
+    pub chunked: bool,
+}
+
+impl Wire {
+    /// The request line, e.g. `GET / HTTP/1.1`.
+    pub fn request_line(&self) -> &str {
+        self.head.lines().next().unwrap_or_default()
+    }
+
+    /// Every value of header `name` (case-insensitive), trimmed, in order.
+    pub fn header(&self, name: &str) -> Vec<&str> {
+        self.head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|line| line.split_once(':'))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+            .collect()
+    }
+}
+
+/// A raw HTTP/1.1 backend that records every request it reads, exactly as it arrived, and answers
+/// each with `200 ok`. It frames requests itself (Content-Length or chunked), so a test sees what
+/// a backend would make of the bytes the proxy sent.
+pub struct WireBackend {
+    pub addr: SocketAddr,
+    /// Whole requests, head and body.
+    pub seen: Arc<std::sync::Mutex<Vec<Wire>>>,
+    /// The request line of every head read, its body whole or not.
+    pub heads: Arc<std::sync::Mutex<Vec<String>>>,
+    pub connections: Arc<AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl WireBackend {
+    /// The whole requests read so far.
+    pub fn requests(&self) -> Vec<Wire> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The request lines of the heads read so far, bodies whole or not.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+/// Starts a [`WireBackend`] on an ephemeral port.
+pub async fn wire_backend() -> WireBackend {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (record, lines, count) = (
+        Arc::clone(&seen),
+        Arc::clone(&heads),
+        Arc::clone(&connections),
+    );
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let (record, lines) = (Arc::clone(&record), Arc::clone(&lines));
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                // Whether the head at the start of `buf` was noted already.
+                let mut noted = false;
+                loop {
+                    loop {
+                        if !noted && buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf);
+                            let line = head.lines().next().unwrap_or_default().to_owned();
+                            lines.lock().unwrap().push(line);
+                            noted = true;
+                        }
+                        let Some((seen, used)) = parse_request(&buf) else {
+                            break;
+                        };
+                        buf.drain(..used);
+                        noted = false;
+                        record.lock().unwrap().push(seen);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    WireBackend {
+        addr,
+        seen,
+        heads,
+        connections,
+        _task: task,
+    }
+}
+
+/// One whole request at the start of `buf`, and how many bytes it took; `None` until it has all
+/// arrived.
+fn parse_request(buf: &[u8]) -> Option<(Wire, usize)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut seen = Wire {
+        head,
+        body: Vec::new(),
+        chunked: false,
+    };
+    let mut at = end + 4;
+    if seen
+        .header("transfer-encoding")
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        seen.chunked = true;
+        loop {
+            let line = buf[at..].windows(2).position(|w| w == b"\r\n")?;
+            let size = std::str::from_utf8(&buf[at..at + line]).ok()?;
+            let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+            at += line + 2;
+            if size == 0 {
+                // Trailers, then the empty line.
+                loop {
+                    let line = buf[at..].windows(2).position(|w| w == b"\r\n")?;
+                    at += line + 2;
+                    if line == 0 {
+                        return Some((seen, at));
+                    }
+                }
+            }
+            if buf.len() < at + size + 2 {
+                return None;
+            }
+            seen.body.extend_from_slice(&buf[at..at + size]);
+            at += size + 2;
+        }
+    }
+    let length: usize = seen
+        .header("content-length")
+        .first()
+        .map_or(0, |v| v.parse().unwrap());
+    if buf.len() < at + length {
+        return None;
+    }
+    seen.body.extend_from_slice(&buf[at..at + length]);
+    Some((seen, at + length))
+}
+
+/// Writes `request` on a new connection and reads the answer until the server closes the
+/// connection; returns the answer and whether it was closed (rather than left open for 2s).
+pub async fn raw_exchange_closed(addr: SocketAddr, request: &[u8]) -> (String, bool) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut chunk)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => response.extend_from_slice(&chunk[..n]),
+        }
+    };
+    (String::from_utf8_lossy(&response).into_owned(), closed)
+}
+
+/// The status code of the first response in `answer` (raw HTTP/1.x text), or 0.
+pub fn status_of(answer: &str) -> u16 {
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| answer.strip_prefix("HTTP/1.0 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
 }
