@@ -609,47 +609,74 @@ impl Scanner {
     }
 
     /// Takes head bytes from the start of `data` until the head is complete or refused; returns
-    /// how many.
+    /// how many. Goes a line at a time (or to the end of `data`), finding line ends with `memchr`.
     fn collect(&mut self, data: &[u8]) -> usize {
-        for (i, &byte) in data.iter().enumerate() {
-            let head = &mut self.head;
-            head.bytes.push(byte);
-            let len = head.bytes.len();
-            if len > self.limits.max_bytes {
-                let rejection = match head.request_line {
-                    None => Rejection::RequestLineTooLong {
-                        limit: self.limits.max_bytes,
-                    },
-                    Some(_) => Rejection::HeadTooLarge,
-                };
-                self.refuse(rejection);
-                return i + 1;
-            }
-            // A CR must be followed by LF, and an LF preceded by CR.
-            let after_cr = len >= 2 && head.bytes[len - 2] == b'\r';
-            if after_cr != (byte == b'\n') {
-                self.refuse(Rejection::LineEnding);
-                return i + 1;
-            }
-            if byte != b'\n' {
-                continue;
-            }
-            let line = head.line_start..len - 2;
-            head.line_start = len;
-            if !line.is_empty() {
-                if head.request_line.is_none() {
-                    head.request_line = Some(line);
-                } else if let Some(rejection) = self.field(line) {
-                    self.refuse(rejection);
-                    return i + 1;
+        let mut at = 0;
+        while at < data.len() {
+            let rest = &data[at..];
+            let take = if self.head.bytes.last() == Some(&b'\r') {
+                // The last piece ended in a CR: its LF must come first.
+                1
+            } else {
+                match memchr::memchr2(b'\r', b'\n', rest) {
+                    None => rest.len(),
+                    // A bare LF, refused below.
+                    Some(i) if rest[i] == b'\n' => i + 1,
+                    // Through the CR, and through its LF if that has come.
+                    Some(i) => (i + 2).min(rest.len()),
                 }
-            } else if head.request_line.is_some() {
-                self.complete();
-                return i + 1;
+            };
+            self.head.bytes.extend_from_slice(&rest[..take]);
+            at += take;
+            if self.line_end() {
+                return at;
             }
-            // Empty lines before the request line are ignored (RFC 9112 §2.2), as hyper does.
         }
         data.len()
+    }
+
+    /// Checks the bytes just added to the head: its size, its line endings, and the line they
+    /// ended, if any. Whether the head is done with (handed on or refused).
+    fn line_end(&mut self) -> bool {
+        let head = &mut self.head;
+        let len = head.bytes.len();
+        if len > self.limits.max_bytes {
+            let rejection = match head.request_line {
+                None => Rejection::RequestLineTooLong {
+                    limit: self.limits.max_bytes,
+                },
+                Some(_) => Rejection::HeadTooLarge,
+            };
+            self.refuse(rejection);
+            return true;
+        }
+        // A CR must be followed by LF, and an LF preceded by CR.
+        let last = head.bytes[len - 1];
+        let after_cr = len >= 2 && head.bytes[len - 2] == b'\r';
+        if (after_cr && last != b'\n') || (!after_cr && last == b'\n') {
+            self.refuse(Rejection::LineEnding);
+            return true;
+        }
+        if last != b'\n' {
+            return false;
+        }
+        let line = head.line_start..len - 2;
+        head.line_start = len;
+        if !line.is_empty() {
+            if head.request_line.is_none() {
+                head.request_line = Some(line);
+            } else if let Some(rejection) = self.field(line) {
+                self.refuse(rejection);
+                return true;
+            }
+            false
+        } else if head.request_line.is_some() {
+            self.complete();
+            true
+        } else {
+            // Empty lines before the request line are ignored (RFC 9112 §2.2), as hyper does.
+            false
+        }
     }
 
     /// Notes what a header line says about framing; `Some` when it breaks a limit.
@@ -942,5 +969,129 @@ mod tests {
         let overflow =
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\n";
         assert_eq!(run(overflow, 4096).0, overflow);
+    }
+
+    mod properties {
+        //! The scanner under arbitrary input, and under valid requests cut anywhere.
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Feeds `input` in pieces of the given sizes (cycled).
+        fn run_in(input: &[u8], pieces: &[usize]) -> (Vec<u8>, Vec<Option<Rejection>>) {
+            let verdicts = Arc::new(Verdicts::default());
+            let mut scanner = Scanner::new(LIMITS, Arc::clone(&verdicts));
+            let mut out = Vec::new();
+            let mut at = 0;
+            for &piece in pieces.iter().cycle() {
+                if at >= input.len() || scanner.state == State::Refused {
+                    break;
+                }
+                if scanner.state == State::AwaitSwitch {
+                    scanner.resume(false);
+                }
+                let data = &input[at..(at + piece).min(input.len())];
+                at += data.len();
+                let in_place = scanner.state != State::Head;
+                let kept = scanner.feed(data, in_place);
+                out.extend_from_slice(&data[..kept]);
+                out.extend_from_slice(&scanner.ready[scanner.ready_at..]);
+                scanner.ready.clear();
+                scanner.ready_at = 0;
+            }
+            let verdicts = verdicts
+                .heads
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|v| v.rejection)
+                .collect();
+            (out, verdicts)
+        }
+
+        /// One valid request: a Content-Length body, a chunked one (with extensions and
+        /// trailers now and then), or none.
+        fn request() -> impl Strategy<Value = Vec<u8>> {
+            let body = prop::collection::vec(any::<u8>(), 0..40);
+            let chunks = prop::collection::vec(prop::collection::vec(any::<u8>(), 1..20), 0..4);
+            (
+                "[a-z/]{1,20}",
+                prop::collection::vec(("[a-z-]{1,10}", "[ -~]{0,20}"), 0..3),
+                prop_oneof![
+                    Just(None),
+                    body.prop_map(|b| Some((false, vec![b]))),
+                    chunks.prop_map(|c| Some((true, c))),
+                ],
+                any::<bool>(),
+            )
+                .prop_map(|(path, fields, body, extras)| {
+                    let mut r = format!("POST /{path} HTTP/1.1\r\nHost: a\r\n").into_bytes();
+                    for (name, value) in fields {
+                        r.extend(format!("x-{name}: {}\r\n", value.trim()).into_bytes());
+                    }
+                    match body {
+                        None => r.extend(b"\r\n"),
+                        Some((false, parts)) => {
+                            r.extend(
+                                format!("Content-Length: {}\r\n\r\n", parts[0].len()).into_bytes(),
+                            );
+                            r.extend(&parts[0]);
+                        }
+                        Some((true, parts)) => {
+                            r.extend(b"Transfer-Encoding: chunked\r\n\r\n");
+                            for part in parts {
+                                let ext = if extras { ";e=1" } else { "" };
+                                r.extend(format!("{:x}{ext}\r\n", part.len()).into_bytes());
+                                r.extend(part);
+                                r.extend(b"\r\n");
+                            }
+                            r.extend(b"0\r\n");
+                            if extras {
+                                r.extend(b"X-Trailer: 1\r\n");
+                            }
+                            r.extend(b"\r\n");
+                        }
+                    }
+                    r
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Valid pipelined requests, cut anywhere, reach hyper unchanged, each with a
+            /// passing verdict.
+            #[test]
+            fn valid_requests_pass_unchanged_however_they_are_cut(
+                requests in prop::collection::vec(request(), 1..5),
+                pieces in prop::collection::vec(1usize..50, 1..8),
+            ) {
+                let input = requests.concat();
+                let (out, verdicts) = run_in(&input, &pieces);
+                prop_assert_eq!(out, input);
+                prop_assert_eq!(verdicts, vec![None; requests.len()]);
+            }
+
+            /// Any bytes, cut anywhere: no panic, and hyper gets a prefix of them, followed by
+            /// the stand-in when a head was refused.
+            #[test]
+            fn any_bytes_give_hyper_a_prefix_or_a_prefix_and_the_stand_in(
+                input in prop::collection::vec(any::<u8>(), 0..600),
+                shaped in "(GET|POST) /[a-z]{0,5} HTTP/1\\.[01](\r?\n[A-Za-z-]{1,8}:[ \t]?[ -~]{0,8}){0,4}\r?\n\r?\n[ -~\r\n]{0,40}",
+                pieces in prop::collection::vec(1usize..64, 1..6),
+            ) {
+                for input in [&input[..], shaped.as_bytes()] {
+                    let (out, verdicts) = run_in(input, &pieces);
+                    let refused = verdicts.iter().any(Option::is_some);
+                    let passed = if refused {
+                        prop_assert!(out.ends_with(STAND_IN));
+                        &out[..out.len() - STAND_IN.len()]
+                    } else {
+                        &out[..]
+                    };
+                    prop_assert!(input.starts_with(passed));
+                }
+            }
+        }
     }
 }
