@@ -162,6 +162,8 @@ backends = [{{ address = "127.0.0.1:{backend_port}" }}]
 [timeouts]
 client_header = "300s"
 idle = "300s"
+[limits]
+max_connections = {n + 1024}
 """)
         nginx_conf = os.path.join(tmp, "nginx.conf")
         with open(nginx_conf, "w") as f:
