@@ -110,7 +110,7 @@ impl<'a> Candidates<'a> {
     #[inline]
     pub fn is_ready(&self, i: usize) -> bool {
         let member = &self.members[i];
-        member.state.is_ready() && has_room(member) && !self.tried.contains(&i)
+        member.state.is_ready() && member.has_room() && !self.tried.contains(&i)
     }
 
     /// Whether member `i` is draining, healthy, under its `max_connections` and not yet tried, and
@@ -122,7 +122,7 @@ impl<'a> Candidates<'a> {
         member.state.is_draining()
             && !member.state.is_cut()
             && member.state.health.is_available()
-            && has_room(member)
+            && member.has_room()
             && !self.tried.contains(&i)
     }
 
@@ -154,13 +154,23 @@ pub fn load_bound(factor: f64, total: u64, n: usize) -> u64 {
     ((factor * (total + 1) as f64) / n).ceil() as u64
 }
 
-/// Whether a member is under its `max_connections`.
-#[inline]
-fn has_room(member: &Member) -> bool {
-    member
-        .spec
-        .max_connections
-        .is_none_or(|max| member.state.load() < u64::from(max))
+impl Member {
+    /// Whether the member is under its `max_connections`, before a request is counted.
+    #[inline]
+    pub fn has_room(&self) -> bool {
+        self.spec
+            .max_connections
+            .is_none_or(|max| self.state.load() < u64::from(max))
+    }
+
+    /// Whether the member went over its `max_connections` once a request was counted (others
+    /// filled its last slot between the choice and the count).
+    #[inline]
+    pub fn over_limit(&self) -> bool {
+        self.spec
+            .max_connections
+            .is_some_and(|max| self.state.load() > u64::from(max))
+    }
 }
 
 /// How a request's affinity cookie was used.

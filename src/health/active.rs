@@ -79,10 +79,10 @@ impl Checks {
                 .is_some_and(|(c, tls)| **c == checker.config && *tls == checker.tls.as_ref());
             if !keep {
                 checker.stop.cancel();
+                // No longer checked: the verdict is kept for now; below, it is dropped at once if
+                // the address stays in the config, kept while it drains otherwise.
                 if !wanted.contains_key(address) {
-                    if in_config.contains(address) {
-                        forget(*address);
-                    } else if let Some(state) = shared.registry.get(*address) {
+                    if let Some(state) = shared.registry.get(*address) {
                         state.health.stop_checks();
                         kept.insert(*address);
                     }

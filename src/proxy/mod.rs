@@ -258,11 +258,7 @@ async fn forward(
         if let Some(load) = &pool.load {
             guard.count_in(load);
         }
-        let over_limit = member
-            .spec
-            .max_connections
-            .is_some_and(|max| member.state.load() > u64::from(max));
-        if member.state.is_out_of_rotation() || over_limit {
+        if member.state.is_out_of_rotation() || member.over_limit() {
             // Its drain ended, or others filled its last slot, between the choice and the count:
             // choose again (not a retry: nothing was sent).
             drop(guard);
