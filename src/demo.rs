@@ -92,6 +92,7 @@ impl AppServer {
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            sleeping: AtomicU64::new(0),
             websockets: AtomicU64::new(0),
             last_request_headers: Mutex::new(HeaderMap::new()),
             sessions,
@@ -131,6 +132,12 @@ impl AppServer {
         self.app.in_flight.load(Ordering::Relaxed)
     }
 
+    /// `/sleep/MS` requests currently sleeping: unlike [`AppServer::in_flight`], never a quick
+    /// request that happens to be passing through, so a test can tell its slow request arrived.
+    pub fn sleeping(&self) -> u64 {
+        self.app.sleeping.load(Ordering::Relaxed)
+    }
+
     /// WebSockets on `/ws` currently open.
     pub fn websockets(&self) -> u64 {
         self.app.websockets.load(Ordering::Relaxed)
@@ -162,6 +169,7 @@ impl fmt::Debug for AppServer {
             .field("requests", &self.requests())
             .field("connections", &self.connections())
             .field("in_flight", &self.in_flight())
+            .field("sleeping", &self.sleeping())
             .field("websockets", &self.websockets())
             .field("sessions", &self.app.sessions.kind())
             .finish()
@@ -186,6 +194,7 @@ struct App {
     requests: AtomicU64,
     connections: AtomicU64,
     in_flight: AtomicU64,
+    sleeping: AtomicU64,
     websockets: AtomicU64,
     last_request_headers: Mutex<HeaderMap>,
     sessions: Sessions,
@@ -291,6 +300,7 @@ impl App {
                     format!("{}: bad sleep duration {ms:?}\n", self.name),
                 );
             };
+            let _sleeping = Counted::enter(&self.sleeping);
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         self.visit(request.headers()).await
@@ -521,6 +531,22 @@ impl Drop for InFlight {
     }
 }
 
+/// Counts one thing in `counter` until dropped, so a cancelled request stops counting too.
+struct Counted<'a>(&'a AtomicU64);
+
+impl<'a> Counted<'a> {
+    fn enter(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Response body that keeps its request in flight until hyper has finished with (dropped) it, so a
 /// streaming `/echo` counts for as long as it streams.
 struct InFlightBody {
@@ -679,13 +705,26 @@ mod tests {
         let request = tokio::spawn(async move { get(&mut sender, "/sleep/200", &[]).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(server.in_flight(), 1);
+        assert_eq!(server.sleeping(), 1);
         assert_eq!(server.requests(), 1);
 
         let (parts, body) = request.await.unwrap();
         assert!(started.elapsed() >= Duration::from_millis(200));
         assert_eq!(parts.status, StatusCode::OK);
         assert_eq!(body, "slow visits=1\n");
+        assert_eq!(server.sleeping(), 0);
         wait_idle(&server).await;
+
+        // A client that gives up stops the sleep counting.
+        let (mut sender, conn) = connect(server.addr()).await;
+        let request = tokio::spawn(async move { get(&mut sender, "/sleep/10000", &[]).await });
+        while server.sleeping() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        request.abort();
+        conn.abort();
+        wait_idle(&server).await;
+        assert_eq!(server.sleeping(), 0);
 
         let (mut sender, _conn) = connect(server.addr()).await;
         let (parts, _) = get(&mut sender, "/sleep/soon", &[]).await;

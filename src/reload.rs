@@ -437,7 +437,18 @@ impl Server {
             Cause::Discovery { .. } => None,
         };
 
+        // The snapshot is built first and swapped in right after the drains start: between the
+        // two, requests still on the old snapshot see the leaving backends as unready, and the
+        // Maglev tables they walk are not the ones the other instances settle on. Building the
+        // tables (65,537 entries per pool) is the slow part, so it stays out of that window.
         let registry = &self.shared().registry;
+        let snapshot = Snapshot::build(
+            Arc::new(config),
+            registry,
+            &self.shared().metrics,
+            Some(&old),
+            &report.draining,
+        );
         for address in &report.draining {
             let timeout = old
                 .config
@@ -452,24 +463,17 @@ impl Server {
                 let _ = drain::start(&state, timeout, true, self.drain_end_hook());
             }
         }
-        for address in all_backends(&config) {
+        for address in all_backends(&snapshot.config) {
             if let Some(state) = registry.get(address) {
                 drain::return_to_config(&state);
             }
         }
         // Connections made under the old TLS settings (or without TLS) are not reused.
-        for address in tls_changed(&old.config, &config) {
+        for address in tls_changed(&old.config, &snapshot.config) {
             if let Some(state) = registry.get(address) {
                 state.pool.clear();
             }
         }
-
-        let snapshot = Snapshot::build(
-            Arc::new(config),
-            registry,
-            &self.shared().metrics,
-            Some(&old),
-        );
         self.shared().snapshot.store(Arc::new(snapshot));
         // A backend new to the config starts cold: ramp it up where its pool asks for slow start.
         let old_addresses = all_backends(&old.config);
@@ -510,6 +514,7 @@ impl Server {
             &self.shared().registry,
             &self.shared().metrics,
             Some(&old),
+            &[],
         );
         self.shared().snapshot.store(Arc::new(snapshot));
         crate::health::check_outages(self.shared(), None);

@@ -81,13 +81,14 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds a snapshot, taking each backend's live state from `registry` (creating it for new
     /// addresses) and its metric handles from `metrics` (dropping the series of pairs that are gone).
-    /// Members of `previous` that are draining and whose pool still exists stay reachable after the
-    /// active ones.
+    /// Members of `previous` that are draining, or in `leaving` (about to be drained by the
+    /// caller), and whose pool still exists stay reachable after the active ones.
     pub fn build(
         config: Arc<Config>,
         registry: &Registry,
         metrics: &Metrics,
         previous: Option<&Snapshot>,
+        leaving: &[SocketAddr],
     ) -> Self {
         let pools: Vec<Pool> = config
             .pools
@@ -108,7 +109,11 @@ impl Snapshot {
                     members.extend(
                         old.members
                             .iter()
-                            .filter(|m| m.state.is_draining() && !is_listed(m.spec.address))
+                            .filter(|m| {
+                                let address = m.spec.address;
+                                (m.state.is_draining() || leaving.contains(&address))
+                                    && !is_listed(address)
+                            })
                             .cloned(),
                     );
                 }
@@ -203,7 +208,7 @@ impl Shared {
     pub fn new(config: Config) -> Arc<Self> {
         let registry = Registry::new();
         let metrics = Metrics::new();
-        let snapshot = Snapshot::build(Arc::new(config), &registry, &metrics, None);
+        let snapshot = Snapshot::build(Arc::new(config), &registry, &metrics, None, &[]);
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
@@ -235,7 +240,13 @@ backends = [{{ address = "127.0.0.1:9002" }}]
 "#
         );
         let config = Config::from_str(&text, std::path::Path::new("t.toml")).unwrap();
-        Snapshot::build(Arc::new(config), &Registry::new(), &Metrics::new(), None)
+        Snapshot::build(
+            Arc::new(config),
+            &Registry::new(),
+            &Metrics::new(),
+            None,
+            &[],
+        )
     }
 
     fn pool_for(s: &Snapshot, host: Option<&str>, path: &str) -> Option<String> {

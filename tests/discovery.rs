@@ -87,9 +87,10 @@ async fn a_records_become_the_pool_and_changes_apply_like_a_reload_under_load() 
     }
 
     let load = Load::start(proxy, 4);
-    // A slow request in flight on app1 when it leaves.
+    // A slow request in flight on app1 when it leaves (counted by `sleeping`: the load's quick
+    // requests pass through `in_flight` too, and would end the drain before the change lands).
     let mut slow = Vec::new();
-    while apps[0].in_flight() == 0 {
+    while apps[0].sleeping() == 0 {
         slow.push(tokio::spawn(
             async move { get(proxy, "/sleep/3000", &[]).await },
         ));
@@ -505,16 +506,7 @@ fn two_instances_route_client_ips_and_cookies_alike_before_and_after_a_change() 
         .collect();
     dns.set_srv(srv, &remaining);
     let left: Vec<SocketAddr> = [0, 2, 3].iter().map(|&i| apps[i].addr()).collect();
-    for process in [&a, &b] {
-        for pool in ["hashed", "sticky"] {
-            rt.block_on(wait_for_active(
-                process.admin_addr(),
-                pool,
-                &left,
-                Duration::from_secs(2),
-            ));
-        }
-    }
+    rt.block_on(fleet::settle(&[&a, &b], &left, Duration::from_secs(3)));
     let after_a = rt.block_on(fleet::route(a.addr, &cookies));
     let after_b = rt.block_on(fleet::route(b.addr, &cookies));
     rt.block_on(fleet::assert_same(

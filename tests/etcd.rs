@@ -221,14 +221,15 @@ async fn wait_for_state(admin: SocketAddr, state: &str, within: Duration) -> ser
     }
 }
 
-/// Sends `GET /sleep/{ms}` until one of them is in flight on `app`.
+/// Sends `GET /sleep/{ms}` until one of them is sleeping on `app` (not merely any request in flight:
+/// the test's load passes through too).
 async fn slow_request_on(
     proxy: SocketAddr,
     app: &AppServer,
     ms: u64,
 ) -> Vec<tokio::task::JoinHandle<Reply>> {
     let mut requests = Vec::new();
-    while app.in_flight() == 0 {
+    while app.sleeping() == 0 {
         let path = format!("/sleep/{ms}");
         requests.push(tokio::spawn(async move { get(proxy, &path, &[]).await }));
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -460,16 +461,7 @@ fn two_instances_route_client_ips_and_cookies_alike_before_and_after_a_key_is_re
 
     rt.block_on(delete(&mut kv, &format!("{prefix}app3")));
     let left: Vec<SocketAddr> = [0, 1, 3].iter().map(|&i| apps[i].addr()).collect();
-    for process in [&a, &b] {
-        for pool in ["hashed", "sticky"] {
-            rt.block_on(wait_for_active(
-                process.admin_addr(),
-                pool,
-                &left,
-                Duration::from_secs(1),
-            ));
-        }
-    }
+    rt.block_on(fleet::settle(&[&a, &b], &left, Duration::from_secs(3)));
     let after_a = rt.block_on(fleet::route(a.addr, &cookies));
     let after_b = rt.block_on(fleet::route(b.addr, &cookies));
     rt.block_on(fleet::assert_same(

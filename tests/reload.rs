@@ -122,7 +122,7 @@ async fn in_flight_request_to_removed_backend_completes_and_no_new_work_reaches_
     let proxy = server.listen_addrs()[0];
 
     let slow = tokio::spawn(async move { get(proxy, "/sleep/2000", &[]).await });
-    while apps[0].in_flight() == 0 {
+    while apps[0].sleeping() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     write(dir.path(), &one_pool("round_robin", &[(b, 1)], ""));

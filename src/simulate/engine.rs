@@ -217,7 +217,13 @@ impl<'a> Sim<'a> {
         }
         let registry = Registry::new();
         let metrics = Metrics::new();
-        let snapshot = Snapshot::build(Arc::new(one_pool(base, pool)), &registry, &metrics, None);
+        let snapshot = Snapshot::build(
+            Arc::new(one_pool(base, pool)),
+            &registry,
+            &metrics,
+            None,
+            &[],
+        );
         let duration_us = workload.duration_us;
         let mut sim = Sim {
             base,
@@ -520,7 +526,13 @@ impl<'a> Sim<'a> {
 
     fn rebuild(&mut self) {
         let config = Arc::new(one_pool(self.base, &self.pool));
-        let snapshot = Snapshot::build(config, &self.registry, &self.metrics, Some(&self.snapshot));
+        let snapshot = Snapshot::build(
+            config,
+            &self.registry,
+            &self.metrics,
+            Some(&self.snapshot),
+            &[],
+        );
         self.snapshot = snapshot;
         self.map_members();
     }

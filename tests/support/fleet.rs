@@ -4,11 +4,12 @@
 //! by `ip_hash` too, so that even re-placements agree).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
 
-use super::{client, get, send, ProxyProcess, SECRET};
+use super::{client, get, members, send, ProxyProcess, SECRET};
 
 /// Clients in each check.
 pub const CLIENTS: usize = 1_000;
@@ -124,6 +125,35 @@ pub async fn route(proxy: SocketAddr, cookies: &[String]) -> Routing {
     Routing { by_ip, by_cookie }
 }
 
+/// Waits until both pools of every instance list exactly `left`, all active: the change applied
+/// and the removed backend released (nothing is in flight on it, so its drain ends at once).
+/// Waiting for the active set alone is not enough: a drain starts just before the new snapshot is
+/// swapped in, and requests in between would still walk the old Maglev table.
+pub async fn settle(processes: &[&ProxyProcess], left: &[SocketAddr], within: Duration) {
+    let mut expected: Vec<(String, u64, String)> = left
+        .iter()
+        .map(|a| (a.to_string(), 1, "active".to_owned()))
+        .collect();
+    expected.sort();
+    let started = tokio::time::Instant::now();
+    for process in processes {
+        for pool in ["hashed", "sticky"] {
+            loop {
+                let now = members(process.admin_addr(), pool).await;
+                if now == expected {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < within,
+                    "{pool} of {}: {now:?}, never {expected:?} within {within:?}",
+                    process.addr
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
 /// Asserts that two instances routed every client alike, showing the first differences and,
 /// when there are some, what the instances did besides: a retried request (after a failed
 /// connection, say) legitimately lands elsewhere, and their logs and counters say so.
@@ -156,10 +186,12 @@ pub async fn assert_same(a: &Routing, b: &Routing, when: &str, processes: &[&Pro
                 .lines()
                 .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("changed"))
                 .collect();
+            let status = super::status(process.admin_addr()).await;
             context += &format!(
-                "\ninstance {}: {counters:?}\n{}",
+                "\ninstance {}: {counters:?}\n{}\nstatus: {}",
                 process.addr,
-                notable.join("\n")
+                notable.join("\n"),
+                status["pools"]
             );
         }
         panic!(

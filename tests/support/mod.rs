@@ -426,15 +426,27 @@ impl ProxyProcess {
         assert!(status.success());
     }
 
-    /// The admin listener's address, from the process's `admin listening` log line.
+    /// The admin listener's address, from the process's `admin listening` log line (waited for:
+    /// it may come a moment after the proxy listener's line that `spawn` waits for).
     pub fn admin_addr(&self) -> SocketAddr {
-        let log = self.log();
-        log.lines()
-            .find(|l| l.contains("admin listening"))
-            .and_then(|l| l.split("admin=").nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.trim_matches('"').parse().ok())
-            .unwrap_or_else(|| panic!("no admin listening line in:\n{log}"))
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            let addr = log
+                .lines()
+                .find(|l| l.contains("admin listening"))
+                .and_then(|l| l.split("admin=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.trim_matches('"').parse().ok());
+            if let Some(addr) = addr {
+                return addr;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no admin listening line in:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// What the process logged so far.
