@@ -1,5 +1,6 @@
-//! The upstream side under stress: stalled bodies, early answers to unfinished uploads, slow
-//! uploads, unasked protocol switches, CONNECT, and several port-0 listeners.
+//! The upstream side under stress: stalled bodies, early answers to unfinished uploads, pooled
+//! connections the backend closed, clients leaving mid-body, slow uploads, unasked protocol
+//! switches, CONNECT, and several port-0 listeners.
 
 mod support;
 
@@ -124,6 +125,99 @@ async fn connection_with_unfinished_upload_is_not_reused() {
     assert_eq!(reply.body, "ok");
     assert_eq!(connections.load(Ordering::SeqCst), 2);
     drop(client);
+}
+
+/// A backend that answers one request per connection with `200 ok`, keep-alive, then closes the
+/// connection `linger` later (as a backend's own idle timeout does); counts connections.
+async fn closing_backend(linger: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                let _ = s.write_all(ok).await;
+                tokio::time::sleep(linger).await;
+            });
+        }
+    });
+    (a, connections)
+}
+
+/// The keep-alive race: a pooled connection the backend closed while it sat idle is found closed
+/// when it is checked out, and the request goes on a new connection instead of failing (no
+/// retries are configured, so a failed attempt would show as a 502).
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_while_idle_is_skipped() {
+    let (backend, connections) = closing_backend(Duration::from_millis(50)).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
+    for round in 1..=3 {
+        let reply = get(proxy, "/", &[]).await;
+        assert_eq!(reply.status, 200, "round {round}");
+        assert_eq!(reply.body, "ok");
+        assert_eq!(connections.load(Ordering::SeqCst), round);
+        // Well past the backend's close, so the pooled connection is dead when reused.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A client that goes away mid-body takes the backend connection with it: it is closed (the
+/// backend reads its end), not returned to the pool with the rest of the body still coming.
+#[tokio::test]
+async fn a_client_leaving_mid_body_closes_the_backend_connection() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&closed);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut chunk = [0u8; 4096];
+                if !matches!(s.read(&mut chunk).await, Ok(n) if n > 0) {
+                    return;
+                }
+                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello";
+                if s.write_all(head).await.is_err() {
+                    return;
+                }
+                // Nothing more is sent; the proxy's side ending is what this waits for.
+                while matches!(s.read(&mut chunk).await, Ok(n) if n > 0) {}
+                seen.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let (server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
+    let mut client = TcpStream::connect(proxy).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: up.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !answer.ends_with(b"hello") {
+        let n = client.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    drop(client);
+    let state = server.shared().registry.get(backend).unwrap();
+    wait_until("the request ended", || state.in_flight() == 0).await;
+    wait_until("the backend connection closed", || {
+        closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
 }
 
 /// Where the chunked body at the start of `body` ends (after `0\r\n\r\n`), if it has arrived whole.
