@@ -397,7 +397,10 @@ impl ConnPool {
                 Err(failed) => return Err(failed),
             }
         }
-        let connected = match self.connect(timeouts.connect, tls, upgrade).await {
+        // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is the largest state this future
+        // can be in, and the rarest, so it is kept out of the request's future, which is moved
+        // into a box for every request (see `handle`).
+        let connected = match Box::pin(self.connect(timeouts.connect, tls, upgrade)).await {
             Ok(connected) => connected,
             Err(error) => {
                 return Err(SendError::NotSent {
