@@ -205,7 +205,8 @@ impl ReloadReport {
             }
         }
         report.routes_changed = old.routes != new.routes;
-        report.other_changes |= old.timeouts != new.timeouts || old.admin != new.admin;
+        report.other_changes |=
+            old.timeouts != new.timeouts || old.admin != new.admin || old.limits != new.limits;
         report
     }
 
@@ -373,6 +374,13 @@ impl Server {
         let _serialised = self.reload_lock.lock().await;
         let current = self.shared().snapshot.load_full();
         let config = self.discovery.merge(config, &current.config);
+        if config.runtime != current.config.runtime
+            || config.log_format != current.config.log_format
+        {
+            tracing::warn!(
+                "[runtime] and log_format are read at start only; their change waits for a restart"
+            );
+        }
         let report = self.apply(config, Cause::Reload).await?;
         self.reconcile_discovery();
         Ok(report)
@@ -622,5 +630,15 @@ mod tests {
         let limited = ReloadReport::between(&both, &config(&format!("{a}, {b_limited}")));
         assert!(limited.other_changes, "{limited}");
         assert_eq!(limited.to_string(), "settings changed");
+    }
+
+    #[test]
+    fn a_change_of_limits_alone_is_reported() {
+        let old = config(r#"{ address = "127.0.0.1:9001" }"#);
+        let mut new = old.clone();
+        new.limits.max_headers += 1;
+        let report = ReloadReport::between(&old, &new);
+        assert!(report.other_changes, "{report}");
+        assert_eq!(report.to_string(), "settings changed");
     }
 }

@@ -285,7 +285,7 @@ impl ConnPool {
     /// rest of that body would reach the next request. The HTTP/2 connection stays shared
     /// whatever its streams do.
     pub fn checkin(&self, conn: PooledConn) {
-        if !conn.request_done() || conn.generation != self.generation.load(Ordering::SeqCst) {
+        if !conn.request_done() {
             return;
         }
         let Sender::Http1(sender) = conn.sender else {
@@ -295,6 +295,11 @@ impl ConnPool {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Compared under the lock: `clear` moves the generation on before it takes the lock, so
+        // a connection from before a `clear` can never slip in after it emptied the list.
+        if conn.generation != self.generation.load(Ordering::SeqCst) {
+            return;
+        }
         // Entries are in return order, so the expired ones are at the front.
         while idle
             .front()
@@ -369,8 +374,12 @@ impl ConnPool {
                     }
                     Err(failed) => {
                         // A connection that timed out or broke may be dead without having been
-                        // closed (a silent partition): the next request opens a fresh one.
-                        self.lock_h2().take();
+                        // closed (a silent partition): the next request opens a fresh one. Not
+                        // when the client's own upload stalled or broke the stream: that says
+                        // nothing of a connection every other request shares.
+                        if upload.as_ref().is_none_or(|u| u.is_done()) {
+                            self.lock_h2().take();
+                        }
                         return Err(failed);
                     }
                 }

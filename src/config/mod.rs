@@ -42,6 +42,9 @@ pub struct Config {
     pub runtime: RuntimeConfig,
 }
 
+/// The highest `weight` a backend may have, listed or discovered.
+pub const MAX_WEIGHT: u32 = 1000;
+
 /// `[runtime]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RuntimeConfig {

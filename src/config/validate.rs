@@ -45,7 +45,7 @@ const GENERATED_SECRET_BYTES: usize = 32;
 const MIN_HEADER_BYTES: i64 = 1024;
 const MAX_HEADER_BYTES: i64 = 1024 * 1024;
 const MAX_HEADERS: i64 = 10_000;
-const MAX_WEIGHT: i64 = 1000;
+const MAX_WEIGHT: i64 = super::MAX_WEIGHT as i64;
 const DEFAULT_WEIGHT: u32 = 1;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_RETRIES: u32 = 1;
@@ -1286,14 +1286,8 @@ impl Checker<'_> {
 
     /// An integer within `min..=max`, or an error naming the bounds.
     fn count(&mut self, key: &str, raw: &Spanned<i64>, min: i64, max: i64) -> Option<u32> {
-        let value = *raw.get_ref();
-        if (min..=max).contains(&value) {
-            u32::try_from(value).ok()
-        } else {
-            let message = format!("{value} is out of range: expected {min} to {max}");
-            self.report(key, Some(raw.span()), message);
-            None
-        }
+        self.bounded(key, raw, min, max)
+            .and_then(|n| u32::try_from(n).ok())
     }
 
     fn backends(

@@ -19,7 +19,7 @@ use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::TokioResolver;
 use tokio_util::sync::CancellationToken;
 
-use super::{Answer, Found, MAX_WEIGHT};
+use super::{Answer, Found};
 use crate::config::{DnsDiscovery, DnsQuery};
 use crate::server::Server;
 
@@ -185,7 +185,8 @@ async fn srv(resolver: &TokioResolver, name: &str) -> Result<(Vec<Found>, Instan
         } else {
             valid_until = valid_until.min(expires);
         }
-        let weight = u32::from(srv.weight).clamp(1, MAX_WEIGHT);
+        // A weight of 0 ("rarely") becomes 1 with the others in `normalise`.
+        let weight = u32::from(srv.weight);
         found.extend(ips.into_iter().map(|ip| Found {
             address: SocketAddr::new(ip, srv.port),
             weight,

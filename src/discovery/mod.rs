@@ -32,8 +32,7 @@ use crate::config::{BackendSpec, Config, DiscoveryConfig, DiscoverySource};
 use crate::metrics::Metrics;
 use crate::server::Server;
 
-/// Highest weight a discovered backend gets (the config's own limit).
-pub const MAX_WEIGHT: u32 = 1000;
+pub use crate::config::MAX_WEIGHT;
 
 /// One backend a source found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -356,8 +355,8 @@ impl Discovery {
     }
 }
 
-/// Address order, one entry per address (the highest weight when a source names one twice),
-/// weights within 1..=[`MAX_WEIGHT`].
+/// Address order, one entry per address (the highest weight when a source names one twice; etcd
+/// has already kept the first key's), weights within 1..=[`MAX_WEIGHT`].
 fn normalise(mut found: Vec<Found>) -> Vec<Found> {
     for f in &mut found {
         f.weight = f.weight.clamp(1, MAX_WEIGHT);

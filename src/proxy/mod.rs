@@ -180,9 +180,7 @@ impl Body for LoggedBody {
 /// (HTTP/1 heads were counted below hyper already) and the length its body declares.
 fn admit(request: &Request<Incoming>, limits: &Limits) -> Result<(), ProxyError> {
     if request.headers().len() > limits.max_headers {
-        return Err(ProxyError::HeadersTooLarge {
-            reason: Rejection::TooManyHeaders.reason(),
-        });
+        return Err(Rejection::TooManyHeaders.into());
     }
     if let Some(limit) = limits.max_body_bytes {
         // A Content-Length (or an HTTP/2 content-length) over the limit is refused before any

@@ -443,7 +443,6 @@ impl Server {
         let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             let shared = Arc::clone(&shared);
             let info = Arc::clone(&info);
-            let verdicts = Arc::clone(&verdicts);
             let waiting = service_activity.wait();
             let verdict = if request.version() < http::Version::HTTP_2 {
                 verdicts.next()
@@ -453,10 +452,16 @@ impl Server {
             if let Some(rejection) = verdict.rejection {
                 request.extensions_mut().insert(rejection);
             }
-            let connect = request.method() == http::Method::CONNECT;
+            // Only a request that asked to switch protocols reports back how it was answered.
+            let upgrade = verdict.upgrade.then(|| {
+                (
+                    Arc::clone(&verdicts),
+                    request.method() == http::Method::CONNECT,
+                )
+            });
             async move {
                 let response = proxy::handle(&shared, &info, request).await;
-                if verdict.upgrade {
+                if let Some((verdicts, connect)) = upgrade {
                     // Before hyper sends the answer: a 101 (or a 2xx to CONNECT) makes the rest
                     // of the connection a tunnel; anything else, more requests.
                     let status = response.status();
