@@ -136,7 +136,7 @@ async fn a_records_become_the_pool_and_changes_apply_like_a_reload_under_load() 
         assert_eq!(get(proxy, "/", &[]).await.status, 200);
     }
     assert_eq!(apps[0].requests(), after);
-    assert_eq!(members(admin, "app").await.len(), 2);
+    wait_for_members(admin, "app", 2).await;
 
     let changed = r#"switchyard_discovery_updates_total{pool="app",result="changed"}"#;
     assert_eq!(metric(admin, changed).await, Some(2.0));
@@ -226,16 +226,29 @@ async fn lookups_are_never_more_frequent_than_the_ttl_allows() {
     // The answer holds for 2 s: 100 ms intervals ask nothing meanwhile.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(dns.asked(NAME), 1, "asked again before the TTL ran out");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(dns.asked(NAME), 2, "asked again once the TTL ran out");
+    // Due at 2 s; polled, since a loaded machine may run the lookup a little late.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while dns.asked(NAME) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never asked again after the TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        dns.asked(NAME),
+        2,
+        "asked more than once when the TTL ran out"
+    );
     // With a TTL of 0, the interval rules.
     dns.set_ttl(0);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let before = dns.asked(NAME);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let asked = dns.asked(NAME) - before;
+    // At most one lookup per interval; a loaded machine may make fewer.
     assert!(
-        (5..=12).contains(&asked),
+        (2..=12).contains(&asked),
         "{asked} lookups in 1 s at 100 ms"
     );
     drop(server);
@@ -269,7 +282,15 @@ fn a_failing_source_keeps_the_pool_serving_logs_once_and_recovers() {
         "{discovery}"
     );
     // Many failed lookups later, the pool still serves from both backends.
-    std::thread::sleep(Duration::from_millis(800));
+    let errors = r#"switchyard_discovery_updates_total{pool="app",result="error"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rt.block_on(metric(admin, errors)).unwrap_or(0.0) < 5.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than 5 failed lookups"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
         let reply = rt.block_on(get(proxy, "/", &[]));
@@ -277,8 +298,6 @@ fn a_failing_source_keeps_the_pool_serving_logs_once_and_recovers() {
         seen.insert(reply.backend());
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
-    let errors = r#"switchyard_discovery_updates_total{pool="app",result="error"}"#;
-    assert!(rt.block_on(metric(admin, errors)).unwrap() >= 5.0);
     let up = r#"switchyard_discovery_source_up{pool="app"}"#;
     assert_eq!(rt.block_on(metric(admin, up)), Some(0.0));
 
@@ -363,8 +382,16 @@ async fn an_empty_answer_is_ignored_unless_the_pool_allows_it() {
     let ignored = r#"switchyard_discovery_updates_total{pool="app",result="empty_ignored"}"#;
     assert!(metric(admin, ignored).await.unwrap() >= 1.0);
     // A name with no A records is empty too.
+    let ignored_before = metric(admin, ignored).await.unwrap();
     dns.set_a(NAME, &[]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while metric(admin, ignored).await.unwrap() <= ignored_before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the empty answer was never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(active(admin, "app").await.len(), 2);
 
     // With allow_empty, the same answer empties the pool: its backends drain, requests get 503.

@@ -315,7 +315,15 @@ async fn keys_added_removed_and_reweighted_change_the_pool_within_a_second_under
 
     // A value that is not a backend is skipped; the others stand.
     put(&mut kv, &format!("{prefix}bad"), "10.0.0.9:80").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let unchanged = r#"switchyard_discovery_updates_total{pool="app",result="unchanged"}"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while metric(admin, unchanged).await.unwrap_or(0.0) < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bad value was never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         wait_for_state(admin, "ok", Duration::ZERO).await["members"],
         2
@@ -327,7 +335,6 @@ async fn keys_added_removed_and_reweighted_change_the_pool_within_a_second_under
     assert_eq!(apps[1].requests(), seen, "the removed backend got new work");
     let changed = r#"switchyard_discovery_updates_total{pool="app",result="changed"}"#;
     assert_eq!(metric(admin, changed).await, Some(4.0));
-    let unchanged = r#"switchyard_discovery_updates_total{pool="app",result="unchanged"}"#;
     assert_eq!(metric(admin, unchanged).await, Some(1.0));
 
     // Every key gone at once: an empty answer from a healthy source, ignored without

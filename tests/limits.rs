@@ -340,7 +340,8 @@ async fn trickled_and_missing_heads_are_cut_while_others_are_served() {
         silent_for >= Duration::from_millis(450) && silent_for < Duration::from_secs(2),
         "{silent_for:?}"
     );
-    assert!(slowest < Duration::from_millis(300), "{slowest:?}");
+    // Well under the trickling clients' 450 ms: nothing waited for them.
+    assert!(slowest < Duration::from_millis(400), "{slowest:?}");
     let heads = backend.heads();
     assert_eq!(heads.len(), 10, "{heads:?}");
     assert!(
@@ -438,7 +439,7 @@ async fn http2_concurrent_streams_are_bounded_at_256() {
     // Meanwhile another client is served at once.
     let asked = Instant::now();
     assert_eq!(get(proxy, "/", &[]).await.status, 200);
-    assert!(asked.elapsed() < Duration::from_millis(500));
+    assert!(asked.elapsed() < Duration::from_secs(2));
     wait_until("the 256 held streams reached the app", || {
         apps[0].requests() >= 257
     })

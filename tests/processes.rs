@@ -170,11 +170,15 @@ async fn one_worker_serves_reloads_checks_and_stops() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The file watcher may have reloaded first; the signal must have been handled all the same.
+    wait_until("SIGHUP handled", || {
+        process.log().contains("SIGHUP: reloading")
+    })
+    .await;
     // The health checker runs on the same thread as everything else: with no traffic, app2 still
     // gets its checks every 50ms.
     let before = apps[1].requests();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(apps[1].requests() >= before + 3, "no checks reached app2");
+    wait_until("checks reaching app2", || apps[1].requests() >= before + 3).await;
 
     process.signal("TERM");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -97,6 +97,10 @@ async fn secrets_never_appear_in_logs_status_metrics_or_errors() {
     assert_eq!(reloaded.status, 200, "{}", reloaded.body);
     answers.push(reloaded.body);
     process.signal("HUP");
+    wait_until("SIGHUP handled", || {
+        process.log().contains("SIGHUP: reloading")
+    })
+    .await;
     // A reload that fails next to the secrets: its errors name keys, never values.
     let broken = config_text(&addrs, &secret, "drain_timeout = \"soon\"")
         .replace(ADMIN_TOKEN, "short-SENTINEL");

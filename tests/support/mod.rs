@@ -108,6 +108,23 @@ pub async fn active(admin: SocketAddr, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Polls `/status` until pool `name` lists `count` backends in any state (a drained one
+/// released); panics after 5 seconds.
+pub async fn wait_for_members(admin: SocketAddr, name: &str, count: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed = members(admin, name).await;
+        if listed.len() == count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pool {name}: {listed:?}, never {count} backends"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Polls `/status` until pool `name`'s active backends are `expected` (any order); panics
 /// after `within`, naming what it saw. Returns how long it took.
 pub async fn wait_for_active(
