@@ -368,3 +368,57 @@ async fn trickled_headers_are_cut_after_client_header() {
         "the trickled request never reached the backend"
     );
 }
+
+/// Until its first head is whole a connection is not yet HTTP/1 or HTTP/2: a client that closes
+/// halfway through gets no answer, and one that has sent nothing does not hold up a graceful stop.
+#[tokio::test]
+async fn connections_without_a_whole_first_head_get_nothing_and_do_not_hold_up_a_stop() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let apps = apps(1).await;
+    let (server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+
+    let mut partial = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    partial
+        .write_all(b"GET / HTTP/1.1\r\nhost: a")
+        .await
+        .unwrap();
+    partial.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), partial.read_to_end(&mut answer))
+        .await
+        .expect("closed after the client's end")
+        .unwrap();
+    assert!(
+        answer.is_empty(),
+        "answered {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // `client_header` is 10 s by default: a stop must not wait for it.
+    let silent = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let mut one_request = h1_connection::<Empty<Bytes>>(proxy).await;
+    let request = Request::get("/")
+        .header("host", "stop.test")
+        .body(Empty::new())
+        .unwrap();
+    assert_eq!(
+        one_request.send_request(request).await.unwrap().status(),
+        200
+    );
+    let stopping = std::time::Instant::now();
+    assert!(
+        server.shutdown(Duration::from_secs(5)).await,
+        "every connection finished"
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(
+        apps[0].requests(),
+        1,
+        "the partial head never reached the backend"
+    );
+    drop(silent);
+}

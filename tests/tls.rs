@@ -719,3 +719,33 @@ async fn a_burst_of_reset_streams_gets_goaway_and_the_server_serves_on() {
         StatusCode::OK
     );
 }
+
+/// A TLS connection the proxy closes after a `Connection: close` response ends with TLS's
+/// close_notify, so the client can tell the end of the response from a cut connection.
+#[tokio::test]
+async fn a_tls_connection_closed_after_its_response_ends_with_close_notify() {
+    let pki = Pki::new();
+    let issued = pki.issue("a", &["127.0.0.1"]);
+    let apps = apps(1).await;
+    let server = start(
+        pki.dir.path(),
+        &proxy_toml(&tls_listener(&issued), &[apps[0].addr()], ""),
+    )
+    .await;
+    let addr = server.listen_addrs()[0];
+    let mut stream = connect(addr, "127.0.0.1", pki.default_client())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /status/200 HTTP/1.1\r\nhost: close.test\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    // Without close_notify, rustls reports the end of the stream as an error.
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received))
+        .await
+        .expect("closed after the response")
+        .expect("ended by close_notify");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}

@@ -308,3 +308,50 @@ async fn websocket_to_an_https_backend_goes_over_http11_even_when_it_offers_h2()
         "one connection, HTTP/1.1 by ALPN, SNI localhost"
     );
 }
+
+/// A client that ends its side of an upgraded connection half-closes it: the backend sees the end
+/// of the stream and can still answer, and the client reads that answer, then the end.
+#[tokio::test]
+async fn an_upgraded_connection_passes_a_client_half_close_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = backend.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        stream
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: raw\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut sent = Vec::new();
+        stream.read_to_end(&mut sent).await.unwrap();
+        let answer = [b"got: ".as_slice(), &sent].concat();
+        stream.write_all(&answer).await.unwrap();
+    });
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend_addr, 1)], "")).await;
+
+    let mut client = TcpStream::connect(proxy).await.unwrap();
+    client
+        .write_all(
+            b"GET /raw HTTP/1.1\r\nhost: raw.test\r\nconnection: upgrade\r\nupgrade: raw\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    client.write_all(b"hello").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut received))
+        .await
+        .expect("the backend's answer and end reach the client")
+        .unwrap();
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.ends_with("\r\n\r\ngot: hello"), "{text}");
+}

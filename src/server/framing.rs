@@ -167,6 +167,8 @@ pin_project! {
         scanner: Scanner,
         // When the first head must have arrived whole; dropped once it has.
         first_head: Option<Pin<Box<Sleep>>>,
+        // Dropping `inner` ends the stream as a shutdown would (plain TCP).
+        close_is_shutdown: bool,
     }
 }
 
@@ -187,8 +189,89 @@ impl<T> CheckedIo<T> {
             inner,
             scanner: Scanner::new(limits, verdicts),
             first_head: Some(Box::pin(tokio::time::sleep(client_header))),
+            close_is_shutdown: false,
         }
     }
+
+    /// Says that dropping the wrapped stream ends it just as shutting it down would (a plain
+    /// TCP stream: `close` sends the FIN), so a final shutdown outside a tunnel can be skipped.
+    pub fn close_is_shutdown(mut self) -> Self {
+        self.close_is_shutdown = true;
+        self
+    }
+}
+
+/// What a client connection speaks, known from its first request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// An HTTP/1 request head (checked, or refused and replaced by the stand-in).
+    Http1,
+    /// The HTTP/2 connection preface: prior knowledge, or what ALPN `h2` promised.
+    Http2,
+    /// The client closed before sending a whole head.
+    Closed,
+}
+
+impl<T: AsyncRead> CheckedIo<T> {
+    /// Reads until the first request head is whole, handing nothing on yet, and says what the
+    /// connection speaks. Fails when the head does not arrive within `client_header`.
+    ///
+    /// This replaces hyper-util's version sniffing, which read the first 24 bytes on their own
+    /// and gave them back to hyper as a separate read: hyper then had to grow its fresh 8 KiB
+    /// read buffer to 16 KiB (copying it) to read the rest of the head, and kept the larger
+    /// buffer for the connection's life.
+    pub fn poll_opening(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Opening>> {
+        let mut this = self.project();
+        loop {
+            if this.scanner.heads > 0 {
+                return Poll::Ready(Ok(if this.scanner.http2 {
+                    Opening::Http2
+                } else {
+                    Opening::Http1
+                }));
+            }
+            if !ready!(read_head(
+                this.inner.as_mut(),
+                this.scanner,
+                this.first_head,
+                cx
+            ))? {
+                return Poll::Ready(Ok(Opening::Closed));
+            }
+        }
+    }
+}
+
+/// Reads once from the socket into the head being collected (nothing of a head goes to hyper
+/// before the whole head is checked); `false` at the end of the stream.
+fn read_head<T: AsyncRead>(
+    inner: Pin<&mut T>,
+    scanner: &mut Scanner,
+    first_head: &mut Option<Pin<Box<Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<bool>> {
+    let mut scratch = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+    let mut read = ReadBuf::uninit(&mut scratch);
+    if inner.poll_read(cx, &mut read)?.is_pending() {
+        let timed_out = first_head
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+        if timed_out {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the first request head did not arrive within client_header",
+            )));
+        }
+        return Poll::Pending;
+    }
+    if read.filled().is_empty() {
+        return Poll::Ready(Ok(false));
+    }
+    scanner.feed(read.filled(), false);
+    if scanner.heads > 0 {
+        *first_head = None;
+    }
+    Poll::Ready(Ok(true))
 }
 
 impl<T: AsyncRead> AsyncRead for CheckedIo<T> {
@@ -230,29 +313,9 @@ impl<T: AsyncRead> AsyncRead for CheckedIo<T> {
                     scanner.resume(switched);
                 }
                 State::Head => {
-                    // Nothing of a head goes to hyper before the whole head is checked.
-                    let mut scratch = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-                    let mut read = ReadBuf::uninit(&mut scratch);
-                    if this.inner.as_mut().poll_read(cx, &mut read)?.is_pending() {
-                        let timed_out = this
-                            .first_head
-                            .as_mut()
-                            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-                        if timed_out {
-                            return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "the first request head did not arrive within client_header",
-                            )));
-                        }
-                        return Poll::Pending;
-                    }
-                    if read.filled().is_empty() {
+                    if !ready!(read_head(this.inner.as_mut(), scanner, this.first_head, cx))? {
                         // The end of the stream; an unfinished head is dropped with it.
                         return Poll::Ready(Ok(()));
-                    }
-                    scanner.feed(read.filled(), false);
-                    if scanner.heads > 0 {
-                        *this.first_head = None;
                     }
                 }
                 _ => {
@@ -300,7 +363,15 @@ impl<T: AsyncWrite> AsyncWrite for CheckedIo<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        // hyper shuts the write side down right before it drops a finished connection, and on a
+        // plain TCP stream the `close` that follows sends the same FIN: one syscall per connection
+        // saved. A tunnel's half-close is passed on (its other direction goes on), and so is TLS's
+        // (its close_notify tells the client the response was not cut).
+        if *this.close_is_shutdown && !this.scanner.tunnel {
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_shutdown(cx)
     }
 }
 
@@ -432,7 +503,8 @@ struct Head {
 impl Head {
     fn new() -> Self {
         Head {
-            bytes: Vec::with_capacity(HEAD_CAPACITY),
+            // Allocated when a head starts arriving, so an idle connection holds no buffer.
+            bytes: Vec::new(),
             line_start: 0,
             request_line: None,
             fields: 0,
@@ -446,10 +518,7 @@ impl Head {
 
     /// Ready for the next head, keeping the buffer unless a large head grew it.
     fn reset(&mut self) {
-        if self.bytes.capacity() > HEAD_CAPACITY * 8 {
-            self.bytes = Vec::with_capacity(HEAD_CAPACITY);
-        }
-        self.bytes.clear();
+        self.bytes = Vec::new();
         self.line_start = 0;
         self.request_line = None;
         self.fields = 0;
@@ -477,6 +546,10 @@ struct Scanner {
     drained: usize,
     /// Heads completed (handed on or refused).
     heads: u64,
+    /// The first head was the HTTP/2 preface's.
+    http2: bool,
+    /// An upgrade switched protocols: the connection is a tunnel now.
+    tunnel: bool,
 }
 
 impl Scanner {
@@ -491,6 +564,8 @@ impl Scanner {
             held: Vec::new(),
             drained: 0,
             heads: 0,
+            http2: false,
+            tunnel: false,
         }
     }
 
@@ -504,11 +579,9 @@ impl Scanner {
         buf.put_slice(&pending[..n]);
         self.ready_at += n;
         if self.ready_at == self.ready.len() {
-            self.ready.clear();
+            // Let go, so that a connection waiting for its next request holds no buffer.
+            self.ready = Vec::new();
             self.ready_at = 0;
-            if self.ready.capacity() > HEAD_CAPACITY * 8 + READ_CHUNK {
-                self.ready = Vec::new();
-            }
         }
         true
     }
@@ -562,6 +635,7 @@ impl Scanner {
     fn resume(&mut self, switched: bool) {
         let held = std::mem::take(&mut self.held);
         if switched {
+            self.tunnel = true;
             self.state = State::Passing;
             self.ready.extend_from_slice(&held);
         } else {
@@ -626,6 +700,9 @@ impl Scanner {
                     Some(i) => (i + 2).min(rest.len()),
                 }
             };
+            if self.head.bytes.capacity() == 0 {
+                self.head.bytes.reserve(HEAD_CAPACITY.max(take));
+            }
             self.head.bytes.extend_from_slice(&rest[..take]);
             at += take;
             if self.line_end() {
@@ -710,10 +787,10 @@ impl Scanner {
         let head = &self.head;
         let line = &head.bytes[head.request_line.clone().unwrap_or_default()];
         if line == H2_PREFACE_LINE {
-            // HTTP/2 by prior knowledge: hyper-util's auto builder takes it from here.
+            // HTTP/2: the server's HTTP/2 connection takes it from here.
+            self.http2 = self.heads == 0;
             self.heads += 1;
-            self.ready.extend_from_slice(&head.bytes);
-            self.head.reset();
+            self.admit_head();
             self.state = State::Passing;
             return;
         }
@@ -756,7 +833,19 @@ impl Scanner {
             rejection: None,
             upgrade,
         });
-        self.ready.extend_from_slice(&head.bytes);
+        self.admit_head();
+    }
+
+    /// Queues the whole, checked head for hyper behind what is already queued, and starts the
+    /// next one.
+    fn admit_head(&mut self) {
+        if self.ready.is_empty() {
+            // The usual case: the head's buffer becomes the queue, nothing is copied.
+            self.ready = std::mem::take(&mut self.head.bytes);
+            self.ready_at = 0;
+        } else {
+            self.ready.extend_from_slice(&self.head.bytes);
+        }
         self.head.reset();
     }
 
