@@ -134,7 +134,31 @@ pub fn set_forwarded(
 
 /// The peer's IP as an `X-Forwarded-For` entry, formatted once per connection.
 pub fn peer_ip_value(ip: IpAddr) -> HeaderValue {
-    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string())
+            .expect("an IP address is a valid header value");
+    };
+    // IPv4 by hand: `Display` goes through `core::fmt` and a `String`, which cost about 1,500
+    // instructions per connection (callgrind), a few percent of a one-request connection.
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_bytes(&text[..len]).expect("digits and dots are a valid header value")
 }
 
 /// The client's IP for hashing: the peer, unless the peer is a trusted proxy, in which case the
@@ -219,6 +243,22 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_ip_values_read_as_display_writes_them() {
+        for octet in 0..=255u8 {
+            for ip in [
+                std::net::Ipv4Addr::new(octet, 0, 9, 255),
+                std::net::Ipv4Addr::new(10, octet, 100, 99),
+                std::net::Ipv4Addr::new(octet, octet, octet, octet),
+            ] {
+                let ip = IpAddr::V4(ip);
+                assert_eq!(peer_ip_value(ip).to_str().unwrap(), ip.to_string());
+            }
+        }
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(peer_ip_value(v6).to_str().unwrap(), "2001:db8::1");
+    }
 
     #[test]
     fn strips_connection_named_and_fixed_headers() {

@@ -177,8 +177,9 @@ impl<T> CheckedIo<T> {
     /// go to `verdicts`.
     ///
     /// Later heads are timed by hyper, which starts its `header_read_timeout` when it starts
-    /// waiting for one; the first one is read before hyper-util has even chosen HTTP/1 or HTTP/2,
-    /// and this layer holds its bytes back until it is whole, so nothing else would time it.
+    /// waiting for one; the first one is read before the server has even chosen HTTP/1 or HTTP/2
+    /// (see [`CheckedIo::poll_opening`]), and this layer holds its bytes back until it is whole,
+    /// so nothing else would time it.
     pub fn new(
         inner: T,
         limits: HeadLimits,
@@ -366,9 +367,11 @@ impl<T: AsyncWrite> AsyncWrite for CheckedIo<T> {
         let this = self.project();
         // hyper shuts the write side down right before it drops a finished connection, and on a
         // plain TCP stream the `close` that follows sends the same FIN: one syscall per connection
-        // saved. A tunnel's half-close is passed on (its other direction goes on), and so is TLS's
-        // (its close_notify tells the client the response was not cut).
-        if *this.close_is_shutdown && !this.scanner.tunnel {
+        // saved. A shutdown is passed on in a tunnel (or one about to be: an upgrade whose answer
+        // this layer has not read yet), where the other direction may still be copied, and over
+        // TLS (its close_notify tells the client the response was not cut).
+        let tunnel = this.scanner.tunnel || matches!(this.scanner.state, State::AwaitSwitch);
+        if *this.close_is_shutdown && !tunnel {
             return Poll::Ready(Ok(()));
         }
         this.inner.poll_shutdown(cx)
@@ -516,7 +519,7 @@ impl Head {
         }
     }
 
-    /// Ready for the next head, keeping the buffer unless a large head grew it.
+    /// Ready for the next head.
     fn reset(&mut self) {
         self.bytes = Vec::new();
         self.line_start = 0;

@@ -38,7 +38,8 @@ use framing::{CheckedIo, HeadLimits, Verdict, Verdicts};
 use idle::{Activity, CountingIo};
 use serving::{Builders, Serving};
 
-/// Connections the kernel queues for `accept`, as `TcpListener::bind` sets it.
+/// Connections the kernel queues for `accept` (capped by `net.core.somaxconn`). std and mio use
+/// 128, which a burst of new connections overflows; nginx uses 511.
 const LISTEN_BACKLOG: u32 = 1024;
 
 /// How many times per `timeouts.idle` period a client connection is checked for idleness.
@@ -300,9 +301,13 @@ impl Server {
         let open = local.map(|local| self.metrics().downstream(local));
         // This listener's open connections, for `limits.max_connections`.
         let open_here = Arc::new(AtomicUsize::new(0));
+        // Made once: a fresh `cancelled()` per accepted connection registered a waiter each time.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => break,
+                biased;
+                _ = &mut stopped => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         // Over the limit, a connection is accepted and closed at once: the client
@@ -503,10 +508,13 @@ impl Server {
         let mut connection = Serving::new(io, service, Builders { http1, http2 });
         // Checked four times per period, so a connection closes between 1 and 1.25 × `idle`.
         let period = (timeouts.idle / IDLE_CHECKS).max(Duration::from_millis(1));
-        let mut idle_check = tokio::time::interval(period);
-        // A starved task must not fire several quiet checks back to back.
-        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        idle_check.tick().await;
+        // A sleep reset after each check (so a starved task never fires several quiet checks back
+        // to back), and the shutdown signal, made once: the loop below runs at every wake-up of
+        // the connection, a few times per request.
+        let idle_check = tokio::time::sleep(period);
+        tokio::pin!(idle_check);
+        let stopping = self.shutdown.cancelled();
+        tokio::pin!(stopping);
         // After a graceful close for idleness, a connection that still does not finish (a client
         // that stopped reading) is dropped one more period later.
         let mut hard_close: Option<tokio::time::Instant> = None;
@@ -515,6 +523,7 @@ impl Server {
         let mut closing = false;
         let result = loop {
             tokio::select! {
+                biased;
                 result = &mut connection => break result,
                 _ = sleep_until_opt(hard_close) => {
                     // A stream opened before the client saw the GOAWAY may still be waiting on a
@@ -528,11 +537,12 @@ impl Server {
                     tracing::debug!(%peer, "idle client connection did not close; dropping it");
                     break Ok(());
                 }
-                _ = self.shutdown.cancelled(), if !closing => {
+                _ = &mut stopping, if !closing => {
                     closing = true;
                     connection.graceful_shutdown();
                 }
-                _ = idle_check.tick(), if !closing => {
+                _ = &mut idle_check, if !closing => {
+                    idle_check.as_mut().reset(tokio::time::Instant::now() + period);
                     let bytes = activity.bytes();
                     if bytes == bytes_at_last_check && !activity.is_waiting() {
                         quiet_checks += 1;
@@ -672,8 +682,8 @@ fn bind_all(keys: &[ListenerKey]) -> std::io::Result<Vec<(ListenerKey, TcpListen
     Ok(bound)
 }
 
-/// A listening socket as `TcpListener::bind` makes one (`SO_REUSEADDR`, a backlog of 1,024), with
-/// `TCP_NODELAY` set: Linux copies it to every socket `accept` returns, which saves a
+/// A listening socket as `TcpListener::bind` makes one on Unix (`SO_REUSEADDR`), with a backlog of
+/// [`LISTEN_BACKLOG`] and `TCP_NODELAY` set: Linux copies it to every socket `accept` returns, which saves a
 /// `setsockopt` per connection.
 fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if address.is_ipv4() {
