@@ -6,8 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use http::header::COOKIE;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 use switchyard::backend::BackendState;
 use switchyard::balance::{
     self, Candidates, CookieAffinity, IpHash, Member, RequestFacts, RoundRobin,
@@ -69,7 +68,7 @@ struct Case {
     members: Vec<Member>,
     strategy: Box<dyn balance::Strategy>,
     /// One returning client per thread: two clients' cookies, as two users would send.
-    headers: [HeaderMap; 2],
+    cookies: [Vec<HeaderValue>; 2],
     ips: Vec<IpAddr>,
 }
 
@@ -78,7 +77,7 @@ impl Case {
         let members = members(n);
         let config = pool(kind, &members);
         let strategy = balance::build(&config, &members, n);
-        let mut headers = [HeaderMap::new(), HeaderMap::new()];
+        let mut cookies = [Vec::new(), Vec::new()];
         if kind == StrategyKind::Cookie {
             // A returning client with a valid cookie: the common case.
             let specs: Vec<&BackendSpec> = members.iter().map(|m| &m.spec).collect();
@@ -92,12 +91,9 @@ impl Case {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_secs();
-            for (client, headers) in headers.iter_mut().enumerate() {
+            for (client, cookies) in cookies.iter_mut().enumerate() {
                 let token = affinity.token_for(n / 2 + client, now);
-                headers.insert(
-                    COOKIE,
-                    HeaderValue::from_str(&format!("sy={token}")).unwrap(),
-                );
+                cookies.push(HeaderValue::from_str(&format!("sy={token}")).unwrap());
             }
         }
         let ips = (0..1024u32)
@@ -106,7 +102,7 @@ impl Case {
         Case {
             members,
             strategy,
-            headers,
+            cookies,
             ips,
         }
     }
@@ -117,7 +113,7 @@ impl Case {
         for i in 0..iters {
             let facts = RequestFacts {
                 client_ip: self.ips[(i & 1023) as usize],
-                headers: &self.headers[client],
+                cookies: &self.cookies[client],
             };
             black_box(self.strategy.choose(&facts, &candidates));
         }

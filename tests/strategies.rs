@@ -169,11 +169,10 @@ fn ip_hash_removing_one_of_ten_backends_moves_few_clients() {
         IpHash::new(&specs)
     };
     let (before, again, after) = (table(&members), table(&members), table(&rest));
-    let headers = http::HeaderMap::new();
     let pick = |hash: &IpHash, members: &[Member], k: u32| -> Arc<BackendState> {
         let facts = RequestFacts {
             client_ip: std::net::IpAddr::from((0xc000_0000u32 + k).to_be_bytes()),
-            headers: &headers,
+            cookies: &[],
         };
         let candidates = Candidates::new(members, members.len(), &[]);
         let choice = hash.choose(&facts, &candidates).unwrap();

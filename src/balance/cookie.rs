@@ -23,8 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use cookie::{Cookie, SameSite};
 use hmac::{Hmac, Mac};
-use http::header::COOKIE;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 use sha2::Sha256;
 
 use super::{Affinity, Candidates, Choice, Member, RequestFacts, Strategy};
@@ -208,9 +207,13 @@ impl CookieAffinity {
 
     /// Finds this pool's cookie among the request's cookies: the first one that verifies, or
     /// `Err(())` when cookies of that name exist but none verifies.
-    fn read(&self, headers: &HeaderMap, now: &Now) -> Result<Option<(Token, Option<usize>)>, ()> {
+    fn read(
+        &self,
+        cookies: &[HeaderValue],
+        now: &Now,
+    ) -> Result<Option<(Token, Option<usize>)>, ()> {
         let mut seen = false;
-        for header in headers.get_all(COOKIE) {
+        for header in cookies {
             for value in cookie_values(header.as_bytes(), self.name.as_bytes()) {
                 seen = true;
                 if let Some(token) = self.verify(value, now) {
@@ -252,8 +255,12 @@ fn backend_id(mac: &HmacSha256, address: &str) -> u64 {
 /// The values of the cookies named `name` in one `Cookie` header (`a=1; b=2`), as bytes: a plain
 /// scan, since a returning client's cookie is read on every request.
 fn cookie_values<'h>(header: &'h [u8], name: &'h [u8]) -> impl Iterator<Item = &'h [u8]> + 'h {
-    header.split(|&b| b == b';').filter_map(move |pair| {
-        let pair = pair.trim_ascii();
+    // The pairs between `;`s, found with memchr rather than a byte-by-byte split.
+    let ends = memchr::memchr_iter(b';', header).chain(std::iter::once(header.len()));
+    let mut start = 0;
+    ends.filter_map(move |end| {
+        let pair = header[start..end].trim_ascii();
+        start = end + 1;
         let rest = pair.strip_prefix(name)?;
         let value = rest.trim_ascii_start().strip_prefix(b"=")?;
         Some(value.trim_ascii())
@@ -288,7 +295,7 @@ fn unix_now() -> u64 {
 impl Strategy for CookieAffinity {
     fn choose(&self, request: &RequestFacts<'_>, candidates: &Candidates<'_>) -> Option<Choice> {
         let now = Now::default();
-        let (token, index) = match self.read(request.headers, &now) {
+        let (token, index) = match self.read(request.cookies, &now) {
             Ok(None) => return self.place(request, candidates, Affinity::New, &now),
             Err(()) => return self.place(request, candidates, Affinity::Invalid, &now),
             Ok(Some(found)) => found,
@@ -340,13 +347,8 @@ mod tests {
         CookieAffinity::new(cfg, members, fallback, true)
     }
 
-    fn with_cookie(value: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(
-            COOKIE,
-            HeaderValue::from_str(&format!("other=1; sy={value}")).unwrap(),
-        );
-        h
+    fn with_cookie(value: &str) -> Vec<HeaderValue> {
+        vec![HeaderValue::from_str(&format!("other=1; sy={value}")).unwrap()]
     }
 
     fn token_of(set_cookie: &HeaderValue) -> String {
@@ -358,9 +360,8 @@ mod tests {
     async fn a_draining_backend_keeps_its_clients_until_its_upgraded_connections_are_cut() {
         let members = members(&[1, 1]);
         let a = affinity(&config(&["0123456789abcdef"]), &members);
-        let mut headers = HeaderMap::new();
         let cookie = format!("sy={}", a.token_for(0, unix_now()));
-        headers.insert(COOKIE, HeaderValue::from_str(&cookie).unwrap());
+        let headers = vec![HeaderValue::from_str(&cookie).unwrap()];
         // Held open so that the drain is still under way after the cut.
         let _socket = members[0].state.start_upgrade();
         crate::drain::start(&members[0].state, Duration::from_secs(60), false, |_, _| {}).unwrap();
@@ -413,7 +414,7 @@ mod tests {
         let members = members(&[1, 1, 1]);
         let a = affinity(&config(&["0123456789abcdef"]), &members);
         let c = Candidates::new(&members, 3, &[]);
-        let first = a.choose(&facts(&HeaderMap::new()), &c).unwrap();
+        let first = a.choose(&facts(&[]), &c).unwrap();
         assert_eq!(first.affinity, Affinity::New);
         let sc = first.set_cookie.unwrap();
         let s = sc.to_str().unwrap();
@@ -514,7 +515,7 @@ mod tests {
         cfg.secure = true;
         let a = affinity(&cfg, &members);
         let c = Candidates::new(&members, 2, &[]);
-        let new = a.choose(&facts(&HeaderMap::new()), &c).unwrap();
+        let new = a.choose(&facts(&[]), &c).unwrap();
         let set = new.set_cookie.unwrap();
         let set = set.to_str().unwrap();
         assert!(
@@ -568,8 +569,7 @@ mod tests {
                     }
                     // Through the strategy, from a Cookie header, as a client would send it.
                     if let Ok(value) = HeaderValue::from_bytes(&[b"sy=", input].concat()) {
-                        let mut headers = HeaderMap::new();
-                        headers.insert(COOKIE, value);
+                        let headers = vec![value];
                         let c = Candidates::new(&members, 3, &[]);
                         let choice = a.choose(&facts(&headers), &c).unwrap();
                         prop_assert!(choice.index < members.len());

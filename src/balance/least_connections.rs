@@ -112,14 +112,13 @@ impl Strategy for LeastConnections {
 mod tests {
     use super::*;
     use crate::balance::testing::{facts, members};
-    use http::HeaderMap;
 
     #[test]
     fn avoids_busy_backend_and_alternates_ties() {
         let members = members(&[1, 1, 1]);
         let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
         let lc = LeastConnections::new(&specs);
-        let headers = HeaderMap::new();
+        let headers: Vec<http::HeaderValue> = Vec::new();
         let c = Candidates::new(&members, 3, &[]);
         // Idle and equal: they take turns.
         let idle: Vec<usize> = (0..6)
@@ -144,7 +143,7 @@ mod tests {
         let members = members(&[3, 1]);
         let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
         let lc = LeastConnections::new(&specs);
-        let headers = HeaderMap::new();
+        let headers: Vec<http::HeaderValue> = Vec::new();
         let c = Candidates::new(&members, 2, &[]);
         // 2 in flight on a weight-3 backend (0.67) beats 1 on a weight-1 backend (1.0).
         let _a: Vec<_> = (0..2).map(|_| members[0].state.start_request()).collect();
@@ -157,7 +156,7 @@ mod tests {
         let members = members(&[1, 1]);
         let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
         let lc = LeastConnections::new(&specs);
-        let headers = HeaderMap::new();
+        let headers: Vec<http::HeaderValue> = Vec::new();
         let c = Candidates::new(&members, 2, &[]);
         // Two WebSockets open on 0, one plain request in flight on 1: 1 is the less loaded.
         let _tunnels: Vec<_> = (0..2).map(|_| members[0].state.start_upgrade()).collect();
@@ -173,7 +172,7 @@ mod tests {
         let members = members(&vec![1; n]);
         let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
         let lc = LeastConnections::new(&specs);
-        let headers = HeaderMap::new();
+        let headers: Vec<http::HeaderValue> = Vec::new();
         let c = Candidates::new(&members, n, &[]);
         // 20 requests held per backend on average: two random choices keep the busiest close to
         // the mean, where one random choice would leave some near 40.
@@ -196,7 +195,7 @@ mod tests {
         let members = members(&[1, 1]);
         let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
         let lc = LeastConnections::new(&specs);
-        let headers = HeaderMap::new();
+        let headers: Vec<http::HeaderValue> = Vec::new();
         let window = Some(std::time::Duration::from_secs(600));
         let c = Candidates::new(&members, 2, &[]).with_slow_start(window);
         members[1].state.health.begin_slow_start();
@@ -219,7 +218,7 @@ mod tests {
         let members = members(&[1, 1]);
         let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
         let lc = LeastConnections::new(&specs);
-        let headers = HeaderMap::new();
+        let headers: Vec<http::HeaderValue> = Vec::new();
         let c = Candidates::new(&members, 2, &[0, 1]);
         assert!(lc.choose(&facts(&headers), &c).is_none());
     }

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 
 pub use cookie::{CookieAffinity, TOKEN_COOKIE_VERSION};
 pub use ip_hash::{ip_key, IpHash};
@@ -44,8 +44,8 @@ pub struct RequestFacts<'a> {
     /// The client's IP: the peer, or the right-most untrusted `X-Forwarded-For` entry when the peer
     /// is one of the pool's `trusted_proxies`.
     pub client_ip: IpAddr,
-    /// The request's headers (for cookies).
-    pub headers: &'a HeaderMap,
+    /// The request's `Cookie` header values (for `cookie` affinity; empty for other strategies).
+    pub cookies: &'a [HeaderValue],
 }
 
 /// The pool's members and which of them may take this request.
@@ -296,10 +296,10 @@ pub(crate) mod testing {
             .collect()
     }
 
-    pub fn facts(headers: &HeaderMap) -> RequestFacts<'_> {
+    pub fn facts(cookies: &[HeaderValue]) -> RequestFacts<'_> {
         RequestFacts {
             client_ip: "192.0.2.1".parse().unwrap(),
-            headers,
+            cookies,
         }
     }
 }

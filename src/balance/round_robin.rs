@@ -144,13 +144,12 @@ impl Strategy for RoundRobin {
 mod tests {
     use super::*;
     use crate::balance::testing::{facts, members};
-    use http::HeaderMap;
 
     fn picks(weights: &[u32], n: usize, tried: &[usize]) -> Vec<usize> {
         let members = members(weights);
         let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
         let rr = RoundRobin::new(&specs);
-        let headers = HeaderMap::new();
+        let headers: Vec<http::HeaderValue> = Vec::new();
         let c = Candidates::new(&members, members.len(), tried);
         (0..n)
             .map(|_| rr.choose(&facts(&headers), &c).unwrap().index)
@@ -183,7 +182,7 @@ mod tests {
         let members = members(&[1, 1, 1]);
         let specs: Vec<_> = members.iter().map(|m| &m.spec).collect();
         let rr = RoundRobin::new(&specs);
-        let headers = HeaderMap::new();
+        let headers: Vec<http::HeaderValue> = Vec::new();
         let window = Some(std::time::Duration::from_secs(600));
         let c = Candidates::new(&members, 3, &[]).with_slow_start(window);
         let picks = |n: usize| -> Vec<usize> {

@@ -225,11 +225,11 @@ async fn forward(
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
     let wants_cookies = pool.config.strategy == StrategyKind::Cookie;
     let max_body = snapshot.config.limits.max_body_bytes;
-    let (facts_headers, mut upstream) =
+    let (cookies, mut upstream) =
         upstream_request(request, conn, upgrading, wants_cookies, max_body)?;
     let facts = RequestFacts {
         client_ip,
-        headers: &facts_headers,
+        cookies: cookies.as_slice(),
     };
     let retries = pool.config.retries;
     // A copy to send again after an answer or a failure, kept only for requests that are safe to
@@ -458,24 +458,23 @@ impl Replay {
 
 /// Rewrites the client's request for the backend: origin-form target, HTTP/1.1, hop-by-hop headers
 /// removed, forwarding headers set, body streamed as it arrives. With `wants_cookies`, also returns
-/// the client's `Cookie` headers for the strategy, which chooses after the request has moved.
+/// the client's `Cookie` header values for the strategy, which chooses after the request has moved.
 fn upstream_request(
     request: Request<Incoming>,
     conn: &ConnInfo,
     upgrading: bool,
     wants_cookies: bool,
     max_body: Option<u64>,
-) -> Result<(http::HeaderMap, Request<UpstreamBody>), ProxyError> {
+) -> Result<(CookieValues, Request<UpstreamBody>), ProxyError> {
     let (mut parts, body) = request.into_parts();
     if parts.version == Version::HTTP_2 {
         merge_cookies(&mut parts.headers);
     }
-    let mut cookies = http::HeaderMap::new();
-    if wants_cookies {
-        for value in parts.headers.get_all(header::COOKIE) {
-            cookies.append(header::COOKIE, value.clone());
-        }
-    }
+    let cookies = if wants_cookies {
+        CookieValues::of(&parts.headers)
+    } else {
+        CookieValues::One(None)
+    };
     let authority_host = parts
         .uri
         .authority()
@@ -514,6 +513,31 @@ fn upstream_request(
         cookies,
         Request::from_parts(parts, UpstreamBody::streaming(body, max_body)),
     ))
+}
+
+/// A request's `Cookie` header values, copied for the strategy (a reference count each): almost
+/// always none or one, held without an allocation (a `HeaderMap` here cost two, and hashing, per
+/// request of a cookie pool).
+enum CookieValues {
+    One(Option<HeaderValue>),
+    Many(Vec<HeaderValue>),
+}
+
+impl CookieValues {
+    fn of(headers: &http::HeaderMap) -> Self {
+        let mut values = headers.get_all(header::COOKIE).iter();
+        match (values.next(), values.next()) {
+            (first, None) => CookieValues::One(first.cloned()),
+            _ => CookieValues::Many(headers.get_all(header::COOKIE).iter().cloned().collect()),
+        }
+    }
+
+    fn as_slice(&self) -> &[HeaderValue] {
+        match self {
+            CookieValues::One(one) => one.as_slice(),
+            CookieValues::Many(many) => many,
+        }
+    }
 }
 
 /// HTTP/2 clients may send each cookie as its own `cookie` field; over HTTP/1.1 they must travel
@@ -565,6 +589,20 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_cookie_header_reaches_the_strategy_in_order() {
+        let mut headers = http::HeaderMap::new();
+        assert!(CookieValues::of(&headers).as_slice().is_empty());
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        assert_eq!(CookieValues::of(&headers).as_slice(), ["a=1"]);
+        headers.append(header::COOKIE, HeaderValue::from_static("sy=token"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        assert_eq!(
+            CookieValues::of(&headers).as_slice(),
+            ["a=1", "sy=token", "b=2"]
+        );
+    }
 
     #[test]
     fn http2_cookie_fields_become_one_header() {

@@ -9,8 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::COOKIE;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 use tokio::sync::watch;
 
 use super::workload::{SessionTimer, Workload};
@@ -150,7 +149,7 @@ struct Sim<'a> {
     clients: Vec<Client>,
     held: Vec<Option<Held>>,
     free: Vec<usize>,
-    headers: HeaderMap,
+    cookies: Vec<HeaderValue>,
     // Figures.
     failed: u64,
     over_bound: u64,
@@ -241,7 +240,7 @@ impl<'a> Sim<'a> {
             clients: Vec::with_capacity(workload.clients.len()),
             held: Vec::new(),
             free: Vec::new(),
-            headers: HeaderMap::new(),
+            cookies: Vec::new(),
             failed: 0,
             over_bound: 0,
             decisions: 0,
@@ -339,15 +338,15 @@ impl<'a> Sim<'a> {
         let bound = pool.load_bound();
         let facts = RequestFacts {
             client_ip: self.clients[client as usize].ip,
-            headers: &self.headers,
+            cookies: &self.cookies,
         };
         (pool.choose(&facts, &[]), bound)
     }
 
     fn request(&mut self, c: u32) {
-        self.headers.clear();
+        self.cookies.clear();
         if let Some(cookie) = self.clients[c as usize].cookie.clone() {
-            self.headers.insert(COOKIE, cookie);
+            self.cookies.push(cookie);
         }
         // Only the decision is timed: the clock is read around it, as close as it gets.
         let started = Instant::now();
