@@ -97,7 +97,7 @@ def configs(tmp):
             f.write(text)
 
 
-def start(name, tmp, binary):
+def start(name, tmp, binary, procs):
     if name == "nginx":
         argv = ["nginx", "-p", tmp, "-c", f"{tmp}/nginx.conf", "-g", "daemon off;"]
     elif name == "haproxy":
@@ -107,6 +107,7 @@ def start(name, tmp, binary):
     env = dict(os.environ, RUST_LOG="warn")
     proc = subprocess.Popen(["taskset", "-c", "0"] + argv, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(proc)
     wait_port(PORTS[name], proc, name)
     return proc
 
@@ -116,6 +117,8 @@ def wrk(port, seconds, close):
     if close:
         argv += ["-H", "Connection: close"]
     out = subprocess.run(argv + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        sys.exit(f"wrk saw errors against port {port}:\n{out}")
     for line in out.splitlines():
         if "requests in" in line:
             return int(line.split()[0])
@@ -142,8 +145,7 @@ def main():
             wait_port(BACKENDS[0], backend, "backend nginx")
             for round_ in range(1, args.rounds + 1):
                 for name in ["nginx", "haproxy", "switchyard"]:
-                    proc = start(name, tmp, args.binary)
-                    procs.append(proc)
+                    proc = start(name, tmp, args.binary, procs)
                     wrk(PORTS[name], 1, args.close)  # warm-up: upstream connections, caches
                     before = cpu_ticks(proc.pid)
                     requests = wrk(PORTS[name], args.duration, args.close)
@@ -165,11 +167,17 @@ def main():
     print(f"{mode}, 1 worker, wrk -t1 -c64, {args.duration} s per run, medians of {args.rounds}\n")
     print("| proxy | user µs/req | kernel µs/req | total µs/req |")
     print("|---|---:|---:|---:|")
+
+    def median(values):
+        return sorted(values)[len(values) // 2]
+
     for name in ["nginx", "haproxy", "switchyard"]:
         mine = [r for r in rows if r[1] == name]
-        user = sorted(r[3] for r in mine)[len(mine) // 2]
-        system = sorted(r[4] for r in mine)[len(mine) // 2]
-        print(f"| {name} | {user:.2f} | {system:.2f} | {user + system:.2f} |")
+        # Each column's own median: the total is the median of the rounds' totals, not a sum.
+        user = median([r[3] for r in mine])
+        system = median([r[4] for r in mine])
+        total = median([r[3] + r[4] for r in mine])
+        print(f"| {name} | {user:.2f} | {system:.2f} | {total:.2f} |")
 
 
 if __name__ == "__main__":

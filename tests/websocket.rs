@@ -355,3 +355,42 @@ async fn an_upgraded_connection_passes_a_client_half_close_on() {
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(text.ends_with("\r\n\r\ngot: hello"), "{text}");
 }
+
+/// A backend that answers an upgrade, sends, and closes, while the client never sends a byte: the
+/// client gets the answer, the bytes, and the end of the stream.
+#[tokio::test]
+async fn an_upgraded_connection_the_backend_closes_first_ends_for_a_silent_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = backend.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: raw\r\n\r\nbye")
+            .await
+            .unwrap();
+    });
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend_addr, 1)], "")).await;
+
+    let mut client = TcpStream::connect(proxy).await.unwrap();
+    client
+        .write_all(
+            b"GET /raw HTTP/1.1\r\nhost: raw.test\r\nconnection: upgrade\r\nupgrade: raw\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut received))
+        .await
+        .expect("the backend's end reaches the client")
+        .unwrap();
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.ends_with("\r\n\r\nbye"), "{text}");
+}

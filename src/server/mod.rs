@@ -542,7 +542,10 @@ impl Server {
                     connection.graceful_shutdown();
                 }
                 _ = &mut idle_check, if !closing => {
-                    idle_check.as_mut().reset(tokio::time::Instant::now() + period);
+                    // On schedule, unless this check ran late (then a full period from now).
+                    let now = tokio::time::Instant::now();
+                    let next = idle_check.deadline() + period;
+                    idle_check.as_mut().reset(if next > now { next } else { now + period });
                     let bytes = activity.bytes();
                     if bytes == bytes_at_last_check && !activity.is_waiting() {
                         quiet_checks += 1;
