@@ -625,7 +625,7 @@ const TIMER_FLOOR: Duration = Duration::from_secs(1);
 /// driver's next planned wake-up, even when the runtime's own thread is the one arming it. Each
 /// connection and request arms timers seconds ahead (`client_header`, the idle checks,
 /// `response_header`), and strace counted 0.18 of those writes per keep-alive request and 1.9 per
-/// new connection. With a wake-up planned within a second, timers further ahead never cause one;
+/// new connection. With a wake-up planned within a second, timers further ahead do not cause one;
 /// a wake-up a second with nothing to do costs far less.
 async fn timer_floor(stop: CancellationToken) {
     let mut tick = tokio::time::interval(TIMER_FLOOR);
@@ -686,8 +686,8 @@ fn bind_all(keys: &[ListenerKey]) -> std::io::Result<Vec<(ListenerKey, TcpListen
 }
 
 /// A listening socket as `TcpListener::bind` makes one on Unix (`SO_REUSEADDR`), with a backlog of
-/// [`LISTEN_BACKLOG`] and `TCP_NODELAY` set: Linux copies it to every socket `accept` returns, which saves a
-/// `setsockopt` per connection.
+/// [`LISTEN_BACKLOG`] and `TCP_NODELAY` set: Linux copies it to every socket `accept` returns,
+/// which saves a `setsockopt` per connection.
 fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if address.is_ipv4() {
         TcpSocket::new_v4()?

@@ -56,7 +56,8 @@ where
         service: S,
         builders: Box<Builders>,
     },
-    // Boxed: pinned in place for hyper, and the waiting state above stays small.
+    // Boxed (once per connection): hyper's connection state is large, and the task holding this
+    // enum then stays the size of `Opening`.
     Http1(Pin<Box<Http1Connection<I, S>>>),
     Http2(Pin<Box<Http2Connection<I, S>>>),
     Done,
