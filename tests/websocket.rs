@@ -309,13 +309,16 @@ async fn websocket_to_an_https_backend_goes_over_http11_even_when_it_offers_h2()
     );
 }
 
-/// A client that ends its side of an upgraded connection half-closes it: the backend sees the end
-/// of the stream and can still answer, and the client reads that answer, then the end.
-#[tokio::test]
-async fn an_upgraded_connection_passes_a_client_half_close_on() {
+/// A raw backend that answers one upgrade request with `101` and then hands the connection to
+/// `after`.
+async fn upgrading_backend<F, Fut>(after: F) -> SocketAddr
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = backend.local_addr().unwrap();
+    let addr = backend.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut stream, _) = backend.accept().await.unwrap();
         let mut head = Vec::new();
@@ -330,13 +333,14 @@ async fn an_upgraded_connection_passes_a_client_half_close_on() {
             )
             .await
             .unwrap();
-        let mut sent = Vec::new();
-        stream.read_to_end(&mut sent).await.unwrap();
-        let answer = [b"got: ".as_slice(), &sent].concat();
-        stream.write_all(&answer).await.unwrap();
+        after(stream).await;
     });
-    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend_addr, 1)], "")).await;
+    addr
+}
 
+/// A client connection to `proxy` that has sent an upgrade request.
+async fn upgrading_client(proxy: SocketAddr) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
     let mut client = TcpStream::connect(proxy).await.unwrap();
     client
         .write_all(
@@ -344,14 +348,38 @@ async fn an_upgraded_connection_passes_a_client_half_close_on() {
         )
         .await
         .unwrap();
-    client.write_all(b"hello").await.unwrap();
-    client.shutdown().await.unwrap();
+    client
+}
+
+/// Everything the client reads until the proxy ends the stream (within 5 s), as text.
+async fn read_to_end_text(client: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
     let mut received = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut received))
         .await
-        .expect("the backend's answer and end reach the client")
+        .expect("the stream ends")
         .unwrap();
-    let text = String::from_utf8_lossy(&received);
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// A client that ends its side of an upgraded connection half-closes it: the backend sees the end
+/// of the stream and can still answer, and the client reads that answer, then the end.
+#[tokio::test]
+async fn an_upgraded_connection_passes_a_client_half_close_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend_addr = upgrading_backend(|mut stream| async move {
+        let mut sent = Vec::new();
+        stream.read_to_end(&mut sent).await.unwrap();
+        let answer = [b"got: ".as_slice(), &sent].concat();
+        stream.write_all(&answer).await.unwrap();
+    })
+    .await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend_addr, 1)], "")).await;
+
+    let mut client = upgrading_client(proxy).await;
+    client.write_all(b"hello").await.unwrap();
+    client.shutdown().await.unwrap();
+    let text = read_to_end_text(&mut client).await;
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(text.ends_with("\r\n\r\ngot: hello"), "{text}");
 }
@@ -360,37 +388,15 @@ async fn an_upgraded_connection_passes_a_client_half_close_on() {
 /// client gets the answer, the bytes, and the end of the stream.
 #[tokio::test]
 async fn an_upgraded_connection_the_backend_closes_first_ends_for_a_silent_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = backend.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut stream, _) = backend.accept().await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            stream.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
-        stream
-            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: raw\r\n\r\nbye")
-            .await
-            .unwrap();
-    });
+    use tokio::io::AsyncWriteExt;
+    let backend_addr = upgrading_backend(|mut stream| async move {
+        stream.write_all(b"bye").await.unwrap();
+    })
+    .await;
     let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend_addr, 1)], "")).await;
 
-    let mut client = TcpStream::connect(proxy).await.unwrap();
-    client
-        .write_all(
-            b"GET /raw HTTP/1.1\r\nhost: raw.test\r\nconnection: upgrade\r\nupgrade: raw\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut received = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut received))
-        .await
-        .expect("the backend's end reaches the client")
-        .unwrap();
-    let text = String::from_utf8_lossy(&received);
+    let mut client = upgrading_client(proxy).await;
+    let text = read_to_end_text(&mut client).await;
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(text.ends_with("\r\n\r\nbye"), "{text}");
 }
