@@ -48,6 +48,7 @@ struct Vecs {
     up: IntGaugeVec,
     upgraded: IntGaugeVec,
     downstream: IntGaugeVec,
+    downstream_idle: IntGaugeVec,
     downstream_refused: IntCounterVec,
 }
 
@@ -322,6 +323,12 @@ impl Metrics {
                 "Open client connections, by listener.",
                 &["listener"],
             ),
+            downstream_idle: gauge_vec(
+                "switchyard_downstream_idle_connections",
+                "Keep-alive client connections waiting for their next request, holding no \
+                 HTTP/1 buffers, by listener.",
+                &["listener"],
+            ),
             downstream_refused: counter_vec(
                 "switchyard_downstream_refused_total",
                 "Client connections closed at once because the listener was at \
@@ -368,6 +375,7 @@ impl Metrics {
             Box::new(vecs.up.clone()),
             Box::new(vecs.upgraded.clone()),
             Box::new(vecs.downstream.clone()),
+            Box::new(vecs.downstream_idle.clone()),
             Box::new(vecs.downstream_refused.clone()),
             Box::new(reloads.clone()),
             Box::new(last_reload_success.clone()),
@@ -464,10 +472,19 @@ impl Metrics {
             .with_label_values(&[&local.to_string()])
     }
 
+    /// The idle-connections gauge of the listener bound at `local`: keep-alive connections
+    /// parked between requests.
+    pub fn downstream_idle(&self, local: SocketAddr) -> IntGauge {
+        self.vecs
+            .downstream_idle
+            .with_label_values(&[&local.to_string()])
+    }
+
     /// Forgets the series of a listener that was closed.
     pub(crate) fn remove_downstream(&self, local: SocketAddr) {
         let label = local.to_string();
         let _ = self.vecs.downstream.remove_label_values(&[&label]);
+        let _ = self.vecs.downstream_idle.remove_label_values(&[&label]);
         let _ = self.vecs.downstream_refused.remove_label_values(&[&label]);
     }
 

@@ -368,6 +368,54 @@ async fn trickled_and_missing_heads_are_cut_while_others_are_served() {
     assert!(backend.heads().iter().all(|h| !h.contains("/second")));
 }
 
+/// On a keep-alive connection that parked while idle (see `framing`), `client_header` still
+/// counts from when the connection started waiting for the next head: a silent client is cut
+/// `client_header` after its last answer, and so is one that starts a head late and never
+/// finishes it, not `client_header` after it started.
+#[tokio::test]
+async fn client_header_counts_from_the_last_answer_on_a_parked_connection() {
+    let backend = wire_backend().await;
+    let tail = "[timeouts]\nclient_header = \"1s\"\n";
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend.addr, 1)], tail)).await;
+    let answered = |mut conn: TcpStream| async move {
+        conn.write_all(b"GET /first HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = conn.read(&mut buf).await.unwrap();
+        assert_eq!(status_of(&String::from_utf8_lossy(&buf[..n])), 200);
+        (conn, Instant::now())
+    };
+    let cut_after = |mut conn: TcpStream, since: Instant| async move {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+            .await
+            .expect("cut")
+            .unwrap();
+        assert!(rest.is_empty(), "cut without an answer: {rest:?}");
+        since.elapsed()
+    };
+    let silent = async {
+        let (conn, since) = answered(TcpStream::connect(proxy).await.unwrap()).await;
+        cut_after(conn, since).await
+    };
+    let late = async {
+        let (mut conn, since) = answered(TcpStream::connect(proxy).await.unwrap()).await;
+        // Long parked by now.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        conn.write_all(b"GET /second HTTP/1.1\r\nho").await.unwrap();
+        cut_after(conn, since).await
+    };
+    let (silent_for, late_for) = tokio::join!(silent, late);
+    for cut in [silent_for, late_for] {
+        assert!(
+            cut >= Duration::from_millis(950) && cut < Duration::from_millis(1450),
+            "cut {cut:?} after the last answer, not about 1s"
+        );
+    }
+    assert!(backend.heads().iter().all(|h| !h.contains("/second")));
+}
+
 /// HTTP/2 concurrent streams are bounded: the server announces 256, and a client that opens more
 /// at once has the extra stream refused (RST_STREAM REFUSED_STREAM) while the first 256 are
 /// served and other clients too.

@@ -422,3 +422,85 @@ async fn connections_without_a_whole_first_head_get_nothing_and_do_not_hold_up_a
     );
     drop(silent);
 }
+
+/// A keep-alive connection idle between requests lets go of its HTTP/1 buffers ("parks"), is
+/// counted in `switchyard_downstream_idle_connections` while it waits, and serves whatever comes
+/// next on the same socket: a request, a request with a body, two pipelined requests. The gauge
+/// drops when the client closes.
+#[tokio::test]
+async fn idle_keep_alive_connections_park_and_serve_what_comes_next() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let apps = apps(1).await;
+    let tail = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let (server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), tail)).await;
+    let admin = server.admin_addr().unwrap();
+    let series = format!("switchyard_downstream_idle_connections{{listener=\"{proxy}\"}}");
+    let idle_becomes = |want: f64| {
+        let series = series.clone();
+        async move {
+            for _ in 0..200 {
+                if metric(admin, &series).await == Some(want) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{series} did not become {want}");
+        }
+    };
+
+    let mut h1 = h1_connection::<http_body_util::Full<Bytes>>(proxy).await;
+    let get_root = || {
+        Request::get("/")
+            .header("host", "park.test")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(h1.send_request(get_root()).await.unwrap().status(), 200);
+    idle_becomes(1.0).await;
+    // Served after the park, and parked again after it.
+    assert_eq!(h1.send_request(get_root()).await.unwrap().status(), 200);
+    idle_becomes(1.0).await;
+    let post = Request::post("/echo")
+        .header("host", "park.test")
+        .body(http_body_util::Full::new(Bytes::from_static(
+            b"after a park",
+        )))
+        .unwrap();
+    let response = h1.send_request(post).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"after a park");
+    idle_becomes(1.0).await;
+    assert!(!h1.is_closed(), "the connection was kept");
+    drop(h1);
+    idle_becomes(0.0).await;
+
+    // Two pipelined requests reaching a parked connection in one segment are both answered.
+    let mut raw = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    raw.write_all(b"GET /status/204 HTTP/1.1\r\nhost: park.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 1024];
+    let n = raw.read(&mut first).await.unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&first[..n])), 204);
+    idle_becomes(1.0).await;
+    raw.write_all(
+        b"GET /status/201 HTTP/1.1\r\nhost: park.test\r\n\r\n\
+          GET /status/202 HTTP/1.1\r\nhost: park.test\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut rest))
+        .await
+        .expect("both answered, then closed")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    let statuses: Vec<&str> = rest
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &rest[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["201", "202"], "{rest}");
+    idle_becomes(0.0).await;
+}

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,9 +17,11 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,7 +37,7 @@ pub mod framing;
 mod idle;
 mod serving;
 
-use framing::{CheckedIo, HeadLimits, Verdict, Verdicts};
+use framing::{Answered, CheckedIo, HeadLimits, Verdict, Verdicts};
 use idle::{Activity, CountingIo};
 use serving::{Builders, Serving};
 
@@ -111,6 +114,30 @@ pub struct Server {
     pub(crate) health_checks: Checks,
     /// Discovery tasks and the membership they found, one per discovered pool.
     pub(crate) discovery: Discovery,
+    /// hyper's servers for the values connections last started with (see `Server::builders`).
+    builders: Mutex<Option<(BuildersKey, Arc<Builders>)>>,
+}
+
+/// What a client connection is served with, taken from the snapshot when it was accepted.
+struct ConnSettings {
+    /// `timeouts.client_header`.
+    client_header: Duration,
+    /// `timeouts.idle`.
+    idle: Duration,
+    head_limits: HeadLimits,
+    builders: Arc<Builders>,
+    /// Bytes moved and requests waiting on a backend, for the idle check.
+    activity: Arc<Activity>,
+    /// The listener's parked (idle keep-alive) connections.
+    idle_gauge: Option<IntGauge>,
+}
+
+/// What [`Builders`] are configured from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BuildersKey {
+    client_header: Duration,
+    max_header_bytes: usize,
+    max_headers: usize,
 }
 
 impl Server {
@@ -133,6 +160,7 @@ impl Server {
             file_reload_lock: tokio::sync::Mutex::new(()),
             health_checks: Checks::default(),
             discovery: Discovery::default(),
+            builders: Mutex::new(None),
         });
         server.metrics().loaded();
         tokio::spawn(timer_floor(server.shutdown_token()));
@@ -299,6 +327,7 @@ impl Server {
     ) {
         let local = listener.local_addr().ok();
         let open = local.map(|local| self.metrics().downstream(local));
+        let idle = local.map(|local| self.metrics().downstream_idle(local));
         // This listener's open connections, for `limits.max_connections`.
         let open_here = Arc::new(AtomicUsize::new(0));
         // Made once: a fresh `cancelled()` per accepted connection registered a waiter each time.
@@ -324,8 +353,9 @@ impl Server {
                         let server = Arc::clone(&self);
                         let counted = open.clone().map(OpenConnection::new);
                         let settings = settings.load_full();
+                        let idle = idle.clone();
                         self.connections.spawn(async move {
-                            server.serve_connection(stream, peer, settings).await;
+                            server.serve_connection(stream, peer, settings, idle).await;
                             drop(counted);
                             drop(here);
                         });
@@ -340,25 +370,35 @@ impl Server {
         }
     }
 
-    async fn serve_connection(
+    /// Serves one accepted connection. Not an `async fn`, so that the connection's task holds
+    /// the serving future alone, not this function's arguments and locals beside it.
+    fn serve_connection(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         settings: Arc<ListenerSettings>,
-    ) {
+        idle: Option<IntGauge>,
+    ) -> impl Future<Output = ()> + Send {
         // Inherited from the listener on Linux (see `listen`).
         #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
-        let (timeouts, limits) = {
+        let conn = {
             let snapshot = self.shared.snapshot.load();
-            (
-                snapshot.config.timeouts.clone(),
-                snapshot.config.limits.clone(),
-            )
+            let (timeouts, limits) = (&snapshot.config.timeouts, &snapshot.config.limits);
+            ConnSettings {
+                client_header: timeouts.client_header,
+                idle: timeouts.idle,
+                head_limits: HeadLimits {
+                    max_bytes: limits.max_header_bytes,
+                    max_fields: limits.max_headers,
+                },
+                builders: self.builders(timeouts, limits),
+                // Counted below TLS, so a handshake that trickles in is activity too.
+                activity: Arc::new(Activity::default()),
+                idle_gauge: idle,
+            }
         };
-        // Counted below TLS, so a handshake that trickles in is activity too.
-        let activity = Arc::new(Activity::default());
-        let io = CountingIo::new(stream, Arc::clone(&activity));
+        let io = CountingIo::new(stream, Arc::clone(&conn.activity));
         let Some(server_config) = &settings.tls else {
             let info = ConnInfo {
                 peer,
@@ -366,13 +406,12 @@ impl Server {
                 proto: "http",
                 redirect: settings.redirect,
             };
-            return self
-                .serve_http(io, info, activity, &timeouts, &limits, true)
-                .await;
+            return Either::Left(self.serve_http(io, info, conn, true));
         };
         // Boxed: the handshake's and the TLS stream's state would otherwise make room in every
         // connection's task, cleartext ones included.
-        Box::pin(self.serve_tls(io, peer, server_config, &timeouts, &limits, activity)).await;
+        let server_config = Arc::clone(server_config);
+        Either::Right(Box::pin(self.serve_tls(io, peer, server_config, conn)))
     }
 
     /// Accepts the TLS handshake within `client_header`, then serves HTTP over it.
@@ -380,15 +419,13 @@ impl Server {
         self: Arc<Self>,
         io: CountingIo<TcpStream>,
         peer: SocketAddr,
-        server_config: &Arc<rustls::ServerConfig>,
-        timeouts: &Timeouts,
-        limits: &Limits,
-        activity: Arc<Activity>,
+        server_config: Arc<rustls::ServerConfig>,
+        conn: ConnSettings,
     ) {
         // A client gets `client_header` to finish the handshake, as it does to send its headers.
-        let accepting = TlsAcceptor::from(Arc::clone(server_config)).accept(io);
+        let accepting = TlsAcceptor::from(server_config).accept(io);
         let handshake = tokio::select! {
-            handshake = tokio::time::timeout(timeouts.client_header, accepting) => handshake,
+            handshake = tokio::time::timeout(conn.client_header, accepting) => handshake,
             _ = self.shutdown.cancelled() => return,
         };
         let stream = match handshake {
@@ -408,43 +445,163 @@ impl Server {
             proto: "https",
             redirect: None,
         };
-        self.serve_http(stream, info, activity, timeouts, limits, false)
-            .await;
+        self.serve_http(stream, info, conn, false).await;
     }
 
     /// Serves HTTP/1.1 and HTTP/2 on one client connection until it ends, is idle for
     /// `timeouts.idle`, or the server shuts down. `plain_tcp`: `io` is the TCP stream itself, not
     /// TLS over it.
-    async fn serve_http<I>(
+    ///
+    /// Not an `async fn`: the setup runs here, and the future returned (which lives in the
+    /// connection's task for as long as the connection) holds only what serving it needs, not
+    /// this function's arguments as well.
+    fn serve_http<I>(
         self: Arc<Self>,
         io: I,
         info: ConnInfo,
-        activity: Arc<Activity>,
-        timeouts: &Timeouts,
-        limits: &Limits,
+        conn: ConnSettings,
         plain_tcp: bool,
-    ) where
+    ) -> impl Future<Output = ()> + Send
+    where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let ConnSettings {
+            client_header,
+            idle,
+            head_limits,
+            builders,
+            activity,
+            idle_gauge,
+        } = conn;
         let peer = info.peer;
         // HTTP/1 heads are checked before hyper reads them (see `framing`); the verdicts go to
         // the service, one per request.
         let verdicts = Arc::new(Verdicts::default());
-        let head_limits = HeadLimits {
-            max_bytes: limits.max_header_bytes,
-            max_fields: limits.max_headers,
-        };
-        let mut io = CheckedIo::new(
-            io,
-            head_limits,
-            Arc::clone(&verdicts),
-            timeouts.client_header,
-        );
+        let mut io = CheckedIo::new(io, head_limits, Arc::clone(&verdicts), client_header);
         if plain_tcp {
             io = io.close_is_shutdown();
         }
+        io = io.parks_when_idle();
+        let shared = Arc::clone(&self.shared);
+        let service_activity = Arc::clone(&activity);
+        let info = Arc::new(info);
+        let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            let shared = Arc::clone(&shared);
+            let info = Arc::clone(&info);
+            let waiting = service_activity.wait();
+            let verdict = if request.version() < http::Version::HTTP_2 {
+                verdicts.next()
+            } else {
+                Verdict::default()
+            };
+            if let Some(rejection) = verdict.rejection {
+                request.extensions_mut().insert(rejection);
+            }
+            let answered = Arc::clone(&verdicts);
+            // Only a request that asked to switch protocols reports back how it was answered.
+            let upgrade = verdict.upgrade.then(|| {
+                (
+                    Arc::clone(&verdicts),
+                    request.method() == http::Method::CONNECT,
+                )
+            });
+            async move {
+                let response = proxy::handle(&shared, &info, request).await;
+                if let Some((verdicts, connect)) = upgrade {
+                    // Before hyper sends the answer: a 101 (or a 2xx to CONNECT) makes the rest
+                    // of the connection a tunnel; anything else, more requests.
+                    let status = response.status();
+                    let switched = status == http::StatusCode::SWITCHING_PROTOCOLS
+                        || (connect && status.is_success());
+                    verdicts.switched(switched);
+                }
+                drop(waiting);
+                Ok::<_, Infallible>(response.map(|body| Answered::new(body, answered)))
+            }
+        });
+        let mut connection = Serving::new(io, service, builders, idle_gauge);
+        async move {
+            // Checked four times per period, so a connection closes between 1 and 1.25 × `idle`.
+            let period = (idle / IDLE_CHECKS).max(Duration::from_millis(1));
+            // A sleep reset after each check (so a starved task never fires several quiet checks
+            // back to back), and the shutdown signal, made once: the loop below runs at every
+            // wake-up of the connection, a few times per request.
+            let idle_check = tokio::time::sleep(period);
+            tokio::pin!(idle_check);
+            let stopping = self.shutdown.cancelled();
+            tokio::pin!(stopping);
+            // After a graceful close for idleness, a connection that still does not finish (a
+            // client that stopped reading) is dropped `idle` later, timed by the same sleep.
+            let mut hard_closing = false;
+            let mut bytes_at_last_check = activity.bytes();
+            let mut quiet_checks = 0;
+            let mut closing = false;
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    result = &mut connection => break result,
+                    _ = &mut stopping, if !closing => {
+                        closing = true;
+                        connection.graceful_shutdown();
+                    }
+                    _ = &mut idle_check, if !closing || hard_closing => {
+                        if hard_closing {
+                            // A stream opened before the client saw the GOAWAY may still be
+                            // waiting on a backend or moving bytes: give it another period.
+                            let bytes = activity.bytes();
+                            if activity.is_waiting() || bytes != bytes_at_last_check {
+                                bytes_at_last_check = bytes;
+                                idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
+                                continue;
+                            }
+                            tracing::debug!(%peer, "idle client connection did not close; dropping it");
+                            break Ok(());
+                        }
+                        // On schedule, unless this check ran late (then a full period from now).
+                        let now = tokio::time::Instant::now();
+                        let next = idle_check.deadline() + period;
+                        idle_check.as_mut().reset(if next > now { next } else { now + period });
+                        let bytes = activity.bytes();
+                        if bytes == bytes_at_last_check && !activity.is_waiting() {
+                            quiet_checks += 1;
+                        } else {
+                            quiet_checks = 0;
+                        }
+                        bytes_at_last_check = bytes;
+                        if quiet_checks >= IDLE_CHECKS {
+                            tracing::debug!(%peer, "closing idle client connection");
+                            closing = true;
+                            hard_closing = true;
+                            idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
+                            connection.graceful_shutdown();
+                        }
+                    }
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "client connection ended with an error");
+            }
+        }
+    }
+
+    /// hyper's servers as `timeouts` and `limits` configure them, shared by the connections that
+    /// start under the same values: configuring them costs a dozen allocations (two timers, the
+    /// HTTP/2 settings), which a connection then does not pay.
+    fn builders(&self, timeouts: &Timeouts, limits: &Limits) -> Arc<Builders> {
+        let key = BuildersKey {
+            client_header: timeouts.client_header,
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
+        };
+        let mut cached = self.builders.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cached_key, builders)) = &*cached {
+            if *cached_key == key {
+                return Arc::clone(builders);
+            }
+        }
         // hyper starts this timer when an HTTP/1 connection goes idle too, so it also bounds idle
-        // keep-alive connections; `idle` below covers HTTP/2 and longer `client_header` values.
+        // keep-alive connections (with `framing`'s clock once the connection parks); the idle
+        // check in `serve_http` covers HTTP/2 and longer `client_header` values.
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
@@ -469,102 +626,9 @@ impl Server {
             .max_header_list_size(header_list)
             .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
-        let shared = Arc::clone(&self.shared);
-        let service_activity = Arc::clone(&activity);
-        let info = Arc::new(info);
-        let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            let shared = Arc::clone(&shared);
-            let info = Arc::clone(&info);
-            let waiting = service_activity.wait();
-            let verdict = if request.version() < http::Version::HTTP_2 {
-                verdicts.next()
-            } else {
-                Verdict::default()
-            };
-            if let Some(rejection) = verdict.rejection {
-                request.extensions_mut().insert(rejection);
-            }
-            // Only a request that asked to switch protocols reports back how it was answered.
-            let upgrade = verdict.upgrade.then(|| {
-                (
-                    Arc::clone(&verdicts),
-                    request.method() == http::Method::CONNECT,
-                )
-            });
-            async move {
-                let response = proxy::handle(&shared, &info, request).await;
-                if let Some((verdicts, connect)) = upgrade {
-                    // Before hyper sends the answer: a 101 (or a 2xx to CONNECT) makes the rest
-                    // of the connection a tunnel; anything else, more requests.
-                    let status = response.status();
-                    let switched = status == http::StatusCode::SWITCHING_PROTOCOLS
-                        || (connect && status.is_success());
-                    verdicts.switched(switched);
-                }
-                drop(waiting);
-                Ok::<_, Infallible>(response)
-            }
-        });
-        let mut connection = Serving::new(io, service, Builders { http1, http2 });
-        // Checked four times per period, so a connection closes between 1 and 1.25 × `idle`.
-        let period = (timeouts.idle / IDLE_CHECKS).max(Duration::from_millis(1));
-        // A sleep reset after each check (so a starved task never fires several quiet checks back
-        // to back), and the shutdown signal, made once: the loop below runs at every wake-up of
-        // the connection, a few times per request.
-        let idle_check = tokio::time::sleep(period);
-        tokio::pin!(idle_check);
-        let stopping = self.shutdown.cancelled();
-        tokio::pin!(stopping);
-        // After a graceful close for idleness, a connection that still does not finish (a client
-        // that stopped reading) is dropped one more period later.
-        let mut hard_close: Option<tokio::time::Instant> = None;
-        let mut bytes_at_last_check = activity.bytes();
-        let mut quiet_checks = 0;
-        let mut closing = false;
-        let result = loop {
-            tokio::select! {
-                biased;
-                result = &mut connection => break result,
-                _ = sleep_until_opt(hard_close) => {
-                    // A stream opened before the client saw the GOAWAY may still be waiting on a
-                    // backend or moving bytes: give it another period.
-                    let bytes = activity.bytes();
-                    if activity.is_waiting() || bytes != bytes_at_last_check {
-                        bytes_at_last_check = bytes;
-                        hard_close = Some(tokio::time::Instant::now() + timeouts.idle);
-                        continue;
-                    }
-                    tracing::debug!(%peer, "idle client connection did not close; dropping it");
-                    break Ok(());
-                }
-                _ = &mut stopping, if !closing => {
-                    closing = true;
-                    connection.graceful_shutdown();
-                }
-                _ = &mut idle_check, if !closing => {
-                    // On schedule, unless this check ran late (then a full period from now).
-                    let now = tokio::time::Instant::now();
-                    let next = idle_check.deadline() + period;
-                    idle_check.as_mut().reset(if next > now { next } else { now + period });
-                    let bytes = activity.bytes();
-                    if bytes == bytes_at_last_check && !activity.is_waiting() {
-                        quiet_checks += 1;
-                    } else {
-                        quiet_checks = 0;
-                    }
-                    bytes_at_last_check = bytes;
-                    if quiet_checks >= IDLE_CHECKS {
-                        tracing::debug!(%peer, "closing idle client connection");
-                        closing = true;
-                        hard_close = Some(tokio::time::Instant::now() + timeouts.idle);
-                        connection.graceful_shutdown();
-                    }
-                }
-            }
-        };
-        if let Err(error) = result {
-            tracing::debug!(%peer, %error, "client connection ended with an error");
-        }
+        let builders = Arc::new(Builders { http1, http2 });
+        *cached = Some((key, Arc::clone(&builders)));
+        builders
     }
 
     /// Stops accepting, lets in-flight requests finish for at most `limit`, and reports whether

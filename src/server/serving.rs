@@ -4,24 +4,31 @@
 //! hyper-util's auto builder did this by reading the first 24 bytes on their own and handing them
 //! back to hyper as a separate read, which made hyper grow (and keep) a 16 KiB read buffer on
 //! every connection; here the checked first head is already whole when hyper first reads.
+//!
+//! An HTTP/1 connection whose stream [parks when idle](CheckedIo::parks_when_idle) goes back to
+//! waiting for a head each time hyper lets go of it between requests, and a new hyper connection
+//! serves the next head: an idle keep-alive connection holds no hyper state.
 
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::framing::{CheckedIo, Opening};
+use super::framing::{CheckedIo, Opening, Verdicts};
 
 /// A connection's error, from hyper or from reading its first head.
 pub(crate) type ServeError = Box<dyn StdError + Send + Sync>;
 
-/// The two servers a connection may get, configured once per connection.
+/// The two servers a connection may get, configured once and shared by connections.
+#[derive(Debug)]
 pub(crate) struct Builders {
     /// Used when the first head is an HTTP/1 request.
     pub(crate) http1: http1::Builder,
@@ -36,6 +43,10 @@ where
     S: HttpService<Incoming>,
 {
     state: State<I, S>,
+    /// Says when hyper's HTTP/1 connection ended by parking.
+    verdicts: Arc<Verdicts>,
+    /// Counts the listener's parked connections.
+    idle: Option<IntGauge>,
 }
 
 /// hyper's HTTP/1 connection over a checked client stream.
@@ -54,11 +65,13 @@ where
     Opening {
         io: CheckedIo<I>,
         service: S,
-        builders: Box<Builders>,
+        builders: Arc<Builders>,
+        /// Counted as idle while waiting for a head after a park.
+        _parked: Option<Parked>,
     },
-    // Boxed (once per connection): hyper's connection state is large, and the task holding this
-    // enum then stays the size of `Opening`.
-    Http1(Pin<Box<Http1Connection<I, S>>>),
+    // Boxed: hyper's connection state is large, and the task holding this enum then stays the
+    // size of `Opening`. Kept beside it, the builders serve the next head after a park.
+    Http1(Box<Http1Connection<I, S>>, Arc<Builders>),
     Http2(Pin<Box<Http2Connection<I, S>>>),
     Done,
 }
@@ -74,12 +87,20 @@ where
     <S::ResBody as Body>::Error: Into<ServeError>,
 {
     /// Serves `io` with `service` once its first head says which protocol it speaks.
-    pub(crate) fn new(io: CheckedIo<I>, service: S, builders: Builders) -> Self {
+    pub(crate) fn new(
+        io: CheckedIo<I>,
+        service: S,
+        builders: Arc<Builders>,
+        idle: Option<IntGauge>,
+    ) -> Self {
         Serving {
+            verdicts: Arc::clone(io.verdicts()),
+            idle,
             state: State::Opening {
                 io,
                 service,
-                builders: Box::new(builders),
+                builders,
+                _parked: None,
             },
         }
     }
@@ -89,10 +110,26 @@ where
     pub(crate) fn graceful_shutdown(&mut self) {
         match &mut self.state {
             State::Opening { .. } => self.state = State::Done,
-            State::Http1(conn) => conn.as_mut().graceful_shutdown(),
+            State::Http1(conn, _) => Pin::new(&mut **conn).graceful_shutdown(),
             State::Http2(conn) => conn.as_mut().graceful_shutdown(),
             State::Done => {}
         }
+    }
+}
+
+/// Counts one parked connection in its listener's idle gauge until dropped.
+struct Parked(IntGauge);
+
+impl Parked {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Parked(gauge)
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -133,22 +170,53 @@ where
                         io,
                         service,
                         builders,
+                        ..
                     } = std::mem::replace(&mut this.state, State::Done)
                     else {
                         unreachable!("matched above");
                     };
                     let io = TokioIo::new(io);
                     this.state = match opening {
-                        Opening::Http1 => State::Http1(Box::pin(
-                            builders.http1.serve_connection(io, service).with_upgrades(),
-                        )),
+                        Opening::Http1 => State::Http1(
+                            Box::new(builders.http1.serve_connection(io, service).with_upgrades()),
+                            builders,
+                        ),
                         Opening::Http2 => {
                             State::Http2(Box::pin(builders.http2.serve_connection(io, service)))
                         }
                         Opening::Closed => return Poll::Ready(Ok(())),
                     };
                 }
-                State::Http1(conn) => return conn.as_mut().poll(cx).map_err(Into::into),
+                State::Http1(conn, _) => {
+                    if let Err(error) = ready!(Pin::new(&mut **conn).poll(cx)) {
+                        this.state = State::Done;
+                        return Poll::Ready(Err(error.into()));
+                    }
+                    if !this.verdicts.take_parked() {
+                        this.state = State::Done;
+                        return Poll::Ready(Ok(()));
+                    }
+                    let State::Http1(conn, builders) =
+                        std::mem::replace(&mut this.state, State::Done)
+                    else {
+                        unreachable!("matched above");
+                    };
+                    // A parked connection was neither upgraded nor left bytes in hyper's buffer
+                    // (it parks between requests, with nothing queued for hyper).
+                    let Some(parts) = (*conn).into_parts() else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    if !parts.read_buf.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                    let io = parts.io.into_inner();
+                    this.state = State::Opening {
+                        io,
+                        service: parts.service,
+                        builders,
+                        _parked: this.idle.clone().map(Parked::new),
+                    };
+                }
                 State::Http2(conn) => return conn.as_mut().poll(cx).map_err(Into::into),
                 State::Done => return Poll::Ready(Ok(())),
             }
