@@ -504,3 +504,35 @@ async fn idle_keep_alive_connections_park_and_serve_what_comes_next() {
     assert_eq!(statuses, ["201", "202"], "{rest}");
     idle_becomes(0.0).await;
 }
+
+/// A request asking to upgrade that is answered without switching leaves the connection an
+/// ordinary keep-alive one: idle well past the moment other connections let go of their HTTP/1
+/// state, it still serves its next request. (hyper keeps a refused upgrade pending until its
+/// connection ends, so such a connection keeps its state rather than lose the socket.)
+#[tokio::test]
+async fn a_connection_whose_upgrade_was_refused_serves_on_after_a_pause() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let apps = apps(1).await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    conn.write_all(
+        b"GET /status/204 HTTP/1.1\r\nhost: up.test\r\n\
+          connection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut first = [0u8; 1024];
+    let n = conn.read(&mut first).await.unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&first[..n])), 204);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    conn.write_all(b"GET /status/202 HTTP/1.1\r\nhost: up.test\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+        .await
+        .expect("answered, then closed")
+        .unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&rest)), 202, "{rest:?}");
+}

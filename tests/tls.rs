@@ -749,3 +749,42 @@ async fn a_tls_connection_closed_after_its_response_ends_with_close_notify() {
     let text = String::from_utf8_lossy(&received);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }
+
+/// A TLS keep-alive connection idle between requests (it has let go of its HTTP/1 state, see
+/// "Proxying" in the README) is ended with close_notify when the server stops, as one still in
+/// hyper's hands would be.
+#[tokio::test]
+async fn an_idle_tls_connection_ended_by_a_stop_gets_close_notify() {
+    let pki = Pki::new();
+    let issued = pki.issue("a", &["127.0.0.1"]);
+    let apps = apps(1).await;
+    let server = start(
+        pki.dir.path(),
+        &proxy_toml(&tls_listener(&issued), &[apps[0].addr()], ""),
+    )
+    .await;
+    let addr = server.listen_addrs()[0];
+    let mut stream = connect(addr, "127.0.0.1", pki.default_client())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /status/204 HTTP/1.1\r\nhost: idle.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 204"));
+    // Well past the 10 ms after which an idle connection lets go of its HTTP/1 state.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = {
+        let server = Arc::clone(&server);
+        tokio::spawn(async move { server.shutdown(Duration::from_secs(5)).await })
+    };
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("closed by the stop")
+        .expect("ended by close_notify");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(stopping.await.unwrap(), "the stop waited for nothing");
+}

@@ -438,6 +438,9 @@ impl<T: AsyncRead> AsyncRead for CheckedIo<T> {
                             // between requests. `poll_opening` waits for the rest of the
                             // client_header that hyper started timing when it began to wait.
                             clock.set(this.client_header.saturating_sub(PARK_AFTER), Timing::Head);
+                            // Empty lines a client sent after its last request (hyper would skip
+                            // them) are dropped with their buffer.
+                            scanner.head.reset();
                             scanner.verdicts.parked.store(true, Ordering::Relaxed);
                             return Poll::Ready(Ok(()));
                         }
@@ -744,6 +747,10 @@ struct Scanner {
     http2: bool,
     /// An upgrade switched protocols: the connection is a tunnel now.
     tunnel: bool,
+    /// An upgrade was answered without switching. hyper keeps such a request's pending upgrade
+    /// until its connection ends, and would then hand the stream to it rather than end cleanly,
+    /// so this connection never lets go of hyper.
+    upgrade_refused: bool,
 }
 
 impl Scanner {
@@ -760,6 +767,7 @@ impl Scanner {
             heads: 0,
             http2: false,
             tunnel: false,
+            upgrade_refused: false,
         }
     }
 
@@ -768,12 +776,16 @@ impl Scanner {
         self.ready_at < self.ready.len()
     }
 
-    /// Between requests with nothing in hand: no head begun, nothing queued for hyper, and every
-    /// head handed on answered.
+    /// Between requests with nothing in hand: no head begun (empty lines before a request line,
+    /// which hyper skips, do not count), nothing queued for hyper, every head handed on answered,
+    /// and no refused upgrade pending in hyper.
     fn idle(&self) -> bool {
+        let head = &self.head;
+        let blank = head.request_line.is_none() && head.line_start == head.bytes.len();
         self.state == State::Head
-            && self.head.bytes.is_empty()
+            && blank
             && !self.has_queued()
+            && !self.upgrade_refused
             && self.verdicts.answered.load(Ordering::Relaxed) == self.heads
     }
 
@@ -847,6 +859,7 @@ impl Scanner {
             self.state = State::Passing;
             self.ready.extend_from_slice(&held);
         } else {
+            self.upgrade_refused = true;
             self.state = State::Head;
             self.feed(&held, false);
         }

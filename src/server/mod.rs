@@ -601,7 +601,9 @@ impl Server {
         }
         // hyper starts this timer when an HTTP/1 connection goes idle too, so it also bounds idle
         // keep-alive connections (with `framing`'s clock once the connection parks); the idle
-        // check in `serve_http` covers HTTP/2 and longer `client_header` values.
+        // check in `serve_http` covers HTTP/2 and longer `client_header` values. With it set,
+        // hyper also reads at once when a response ends rather than waiting for readiness, which
+        // is where an idle connection's park begins (`framing::CheckedIo::parks_when_idle`).
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())

@@ -73,6 +73,9 @@ where
     // size of `Opening`. Kept beside it, the builders serve the next head after a park.
     Http1(Box<Http1Connection<I, S>>, Arc<Builders>),
     Http2(Pin<Box<Http2Connection<I, S>>>),
+    /// A parked connection ending: its stream is shut down as hyper would have (over TLS, the
+    /// close_notify).
+    Closing(CheckedIo<I>),
     Done,
 }
 
@@ -106,13 +109,21 @@ where
     }
 
     /// Stops taking new requests and ends once those in flight are answered; a connection that
-    /// has not sent its first head yet ends at once.
+    /// has not sent its first head yet ends at once, and a parked one once its stream is shut
+    /// down.
     pub(crate) fn graceful_shutdown(&mut self) {
         match &mut self.state {
-            State::Opening { .. } => self.state = State::Done,
+            State::Opening { _parked: None, .. } => self.state = State::Done,
+            State::Opening { .. } => {
+                let State::Opening { io, .. } = std::mem::replace(&mut self.state, State::Done)
+                else {
+                    unreachable!("matched above");
+                };
+                self.state = State::Closing(io);
+            }
             State::Http1(conn, _) => Pin::new(&mut **conn).graceful_shutdown(),
             State::Http2(conn) => conn.as_mut().graceful_shutdown(),
-            State::Done => {}
+            State::Closing(_) | State::Done => {}
         }
     }
 }
@@ -218,6 +229,11 @@ where
                     };
                 }
                 State::Http2(conn) => return conn.as_mut().poll(cx).map_err(Into::into),
+                State::Closing(io) => {
+                    let shut = ready!(Pin::new(io).poll_shutdown(cx));
+                    this.state = State::Done;
+                    return Poll::Ready(shut.map_err(Into::into));
+                }
                 State::Done => return Poll::Ready(Ok(())),
             }
         }
