@@ -66,8 +66,8 @@ where
         io: CheckedIo<I>,
         service: S,
         builders: Arc<Builders>,
-        /// Counted as idle while waiting for a head after a park.
-        _parked: Option<Parked>,
+        /// Set after a park (the connection has been served): counted as idle meanwhile.
+        parked: Option<Parked>,
     },
     // Boxed: hyper's connection state is large, and the task holding this enum then stays the
     // size of `Opening`. Kept beside it, the builders serve the next head after a park.
@@ -103,7 +103,7 @@ where
                 io,
                 service,
                 builders,
-                _parked: None,
+                parked: None,
             },
         }
     }
@@ -113,7 +113,7 @@ where
     /// down.
     pub(crate) fn graceful_shutdown(&mut self) {
         match &mut self.state {
-            State::Opening { _parked: None, .. } => self.state = State::Done,
+            State::Opening { parked: None, .. } => self.state = State::Done,
             State::Opening { .. } => {
                 let State::Opening { io, .. } = std::mem::replace(&mut self.state, State::Done)
                 else {
@@ -128,19 +128,23 @@ where
     }
 }
 
-/// Counts one parked connection in its listener's idle gauge until dropped.
-struct Parked(IntGauge);
+/// Counts one parked connection in its listener's idle gauge (when it has one) until dropped.
+struct Parked(Option<IntGauge>);
 
 impl Parked {
-    fn new(gauge: IntGauge) -> Self {
-        gauge.inc();
+    fn new(gauge: Option<IntGauge>) -> Self {
+        if let Some(gauge) = &gauge {
+            gauge.inc();
+        }
         Parked(gauge)
     }
 }
 
 impl Drop for Parked {
     fn drop(&mut self) {
-        self.0.dec();
+        if let Some(gauge) = &self.0 {
+            gauge.dec();
+        }
     }
 }
 
@@ -225,7 +229,7 @@ where
                         io,
                         service: parts.service,
                         builders,
-                        _parked: this.idle.clone().map(Parked::new),
+                        parked: Some(Parked::new(this.idle.clone())),
                     };
                 }
                 State::Http2(conn) => return conn.as_mut().poll(cx).map_err(Into::into),
