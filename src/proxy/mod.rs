@@ -76,9 +76,9 @@ pub async fn handle(
         (Err(error), _) => Err(error),
         (Ok(()), Some(redirect)) => redirect.respond(request.uri(), request.headers()),
         // Not boxed: it lives in the room hyper keeps for one request future per HTTP/1
-        // connection, allocated once per hyper connection rather than once per request (3 KB,
-        // past glibc's per-thread cache). An idle keep-alive connection lets go of hyper's
-        // connection, room included (see `server::framing`), so it does not hold it.
+        // connection, allocated once per hyper connection rather than once per request (3 KB).
+        // An idle keep-alive connection lets go of hyper's connection, room included (see
+        // `server::framing`), so it does not hold it.
         (Ok(()), None) => forward(shared, &snapshot, conn, request, &mut record).await,
     };
     let response = match result {

@@ -155,14 +155,15 @@ impl Verdicts {
 
     /// Counts one response hyper has finished with: written whole into its buffer, or dropped.
     fn answer(&self) {
-        // Counted and read by the connection's own task only (hyper drops the body while the
-        // task polls it), so no ordering with other memory is needed.
+        // Read only by the connection's own task, which is also where HTTP/1 bodies are dropped
+        // (HTTP/2 streams run in tasks of their own, but HTTP/2 connections never park): no
+        // ordering with other memory is needed.
         self.answered.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether hyper's connection ended because the stream let go of it while idle (see
     /// [`CheckedIo::parks_when_idle`]); resets it.
-    pub fn take_parked(&self) -> bool {
+    pub(crate) fn take_parked(&self) -> bool {
         self.parked.swap(false, Ordering::Relaxed)
     }
 
@@ -186,7 +187,7 @@ pin_project! {
     /// drops it, which hyper does once the body's last frame is in its write buffer (or the
     /// response is abandoned). Until every request head handed on is answered, the connection
     /// is busy and does not let go of hyper (see [`CheckedIo::parks_when_idle`]).
-    pub struct Answered<B> {
+    pub(crate) struct Answered<B> {
         #[pin]
         body: B,
         counted: AnswerOnDrop,
@@ -204,7 +205,7 @@ impl Drop for AnswerOnDrop {
 
 impl<B> Answered<B> {
     /// Wraps the body of the answer to a request on the connection of `verdicts`.
-    pub fn new(body: B, verdicts: Arc<Verdicts>) -> Self {
+    pub(crate) fn new(body: B, verdicts: Arc<Verdicts>) -> Self {
         Answered {
             body,
             counted: AnswerOnDrop(verdicts),
@@ -255,9 +256,10 @@ impl<T> CheckedIo<T> {
     /// go to `verdicts`.
     ///
     /// Later heads are timed by hyper, which starts its `header_read_timeout` when it starts
-    /// waiting for one; the first one is read before the server has even chosen HTTP/1 or HTTP/2
-    /// (see [`CheckedIo::poll_opening`]), and this layer holds its bytes back until it is whole,
-    /// so nothing else would time it.
+    /// waiting for one, or, once the connection has let go of hyper while idle, by this layer
+    /// again. The first one is read before the server has even chosen HTTP/1 or HTTP/2 (see
+    /// [`CheckedIo::poll_opening`]), and this layer holds its bytes back until it is whole, so
+    /// nothing else would time it.
     pub fn new(
         inner: T,
         limits: HeadLimits,
@@ -293,7 +295,7 @@ impl<T> CheckedIo<T> {
     }
 
     /// The verdicts on this connection's heads, shared with its service.
-    pub fn verdicts(&self) -> &Arc<Verdicts> {
+    pub(crate) fn verdicts(&self) -> &Arc<Verdicts> {
         &self.scanner.verdicts
     }
 
@@ -317,8 +319,9 @@ pub enum Opening {
 }
 
 impl<T: AsyncRead> CheckedIo<T> {
-    /// Reads until the first request head is whole, handing nothing on yet, and says what the
-    /// connection speaks. Fails when the head does not arrive within `client_header`.
+    /// Reads until the first request head is whole (or, after a park, the next one), handing
+    /// nothing on yet, and says what the connection speaks. Fails when the head does not arrive
+    /// within `client_header`.
     ///
     /// This replaces hyper-util's version sniffing, which read the first 24 bytes on their own
     /// and gave them back to hyper as a separate read: hyper then had to grow its fresh 8 KiB

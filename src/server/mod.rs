@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -115,7 +115,7 @@ pub struct Server {
     /// Discovery tasks and the membership they found, one per discovered pool.
     pub(crate) discovery: Discovery,
     /// hyper's servers for the values connections last started with (see `Server::builders`).
-    builders: Mutex<Option<(BuildersKey, Arc<Builders>)>>,
+    builders: ArcSwapOption<CachedBuilders>,
 }
 
 /// What a client connection is served with, taken from the snapshot when it was accepted.
@@ -130,6 +130,13 @@ struct ConnSettings {
     activity: Arc<Activity>,
     /// The listener's parked (idle keep-alive) connections.
     idle_gauge: Option<IntGauge>,
+}
+
+/// hyper's servers and the values they were configured from.
+#[derive(Debug)]
+struct CachedBuilders {
+    key: BuildersKey,
+    builders: Arc<Builders>,
 }
 
 /// What [`Builders`] are configured from.
@@ -160,7 +167,7 @@ impl Server {
             file_reload_lock: tokio::sync::Mutex::new(()),
             health_checks: Checks::default(),
             discovery: Discovery::default(),
-            builders: Mutex::new(None),
+            builders: ArcSwapOption::empty(),
         });
         server.metrics().loaded();
         tokio::spawn(timer_floor(server.shutdown_token()));
@@ -593,10 +600,11 @@ impl Server {
             max_header_bytes: limits.max_header_bytes,
             max_headers: limits.max_headers,
         };
-        let mut cached = self.builders.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((cached_key, builders)) = &*cached {
-            if *cached_key == key {
-                return Arc::clone(builders);
+        // Lock-free: every accepted connection reads it. Two connections finding it stale at
+        // once both build, and the last one stored stays; either is right.
+        if let Some(cached) = &*self.builders.load() {
+            if cached.key == key {
+                return Arc::clone(&cached.builders);
             }
         }
         // hyper starts this timer when an HTTP/1 connection goes idle too, so it also bounds idle
@@ -629,7 +637,10 @@ impl Server {
             .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
         let builders = Arc::new(Builders { http1, http2 });
-        *cached = Some((key, Arc::clone(&builders)));
+        self.builders.store(Some(Arc::new(CachedBuilders {
+            key,
+            builders: Arc::clone(&builders),
+        })));
         builders
     }
 

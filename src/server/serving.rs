@@ -24,19 +24,20 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::framing::{CheckedIo, Opening, Verdicts};
 
-/// A connection's error, from hyper or from reading its first head.
+/// A connection's error, from hyper or from reading a head.
 pub(crate) type ServeError = Box<dyn StdError + Send + Sync>;
 
 /// The two servers a connection may get, configured once and shared by connections.
 #[derive(Debug)]
 pub(crate) struct Builders {
-    /// Used when the first head is an HTTP/1 request.
+    /// Used when the first head is an HTTP/1 request, and for each head after a park.
     pub(crate) http1: http1::Builder,
     /// Used when the first head is the HTTP/2 preface.
     pub(crate) http2: http2::Builder<TokioExecutor>,
 }
 
-/// A client connection being served: first waiting for its first head, then by hyper.
+/// A client connection being served: waiting for its first head, then by hyper; an HTTP/1 one
+/// goes back to waiting each time it parks.
 pub(crate) struct Serving<I, S>
 where
     I: AsyncRead + AsyncWrite + Unpin,
