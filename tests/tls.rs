@@ -720,10 +720,14 @@ async fn a_burst_of_reset_streams_gets_goaway_and_the_server_serves_on() {
     );
 }
 
-/// A TLS connection the proxy closes after a `Connection: close` response ends with TLS's
-/// close_notify, so the client can tell the end of the response from a cut connection.
-#[tokio::test]
-async fn a_tls_connection_closed_after_its_response_ends_with_close_notify() {
+/// A proxy with a TLS listener in front of one app server, and a client connected to it over TLS
+/// (the PKI and the app server are returned to keep them alive).
+async fn tls_proxy_and_client() -> (
+    Pki,
+    Vec<switchyard::demo::AppServer>,
+    Arc<Server>,
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
     let pki = Pki::new();
     let issued = pki.issue("a", &["127.0.0.1"]);
     let apps = apps(1).await;
@@ -733,9 +737,17 @@ async fn a_tls_connection_closed_after_its_response_ends_with_close_notify() {
     )
     .await;
     let addr = server.listen_addrs()[0];
-    let mut stream = connect(addr, "127.0.0.1", pki.default_client())
+    let stream = connect(addr, "127.0.0.1", pki.default_client())
         .await
         .unwrap();
+    (pki, apps, server, stream)
+}
+
+/// A TLS connection the proxy closes after a `Connection: close` response ends with TLS's
+/// close_notify, so the client can tell the end of the response from a cut connection.
+#[tokio::test]
+async fn a_tls_connection_closed_after_its_response_ends_with_close_notify() {
+    let (_pki, _apps, _server, mut stream) = tls_proxy_and_client().await;
     stream
         .write_all(b"GET /status/200 HTTP/1.1\r\nhost: close.test\r\nconnection: close\r\n\r\n")
         .await
@@ -755,18 +767,7 @@ async fn a_tls_connection_closed_after_its_response_ends_with_close_notify() {
 /// hyper's hands would be.
 #[tokio::test]
 async fn an_idle_tls_connection_ended_by_a_stop_gets_close_notify() {
-    let pki = Pki::new();
-    let issued = pki.issue("a", &["127.0.0.1"]);
-    let apps = apps(1).await;
-    let server = start(
-        pki.dir.path(),
-        &proxy_toml(&tls_listener(&issued), &[apps[0].addr()], ""),
-    )
-    .await;
-    let addr = server.listen_addrs()[0];
-    let mut stream = connect(addr, "127.0.0.1", pki.default_client())
-        .await
-        .unwrap();
+    let (_pki, _apps, server, mut stream) = tls_proxy_and_client().await;
     stream
         .write_all(b"GET /status/204 HTTP/1.1\r\nhost: idle.test\r\n\r\n")
         .await
