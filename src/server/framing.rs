@@ -281,7 +281,8 @@ impl<T> CheckedIo<T> {
     }
 
     /// Lets go of hyper whenever the connection is idle: when hyper waits for the next request
-    /// head, every request is answered and flushed, and the client has sent nothing, hyper reads
+    /// head, every request is answered and flushed, and the client has sent nothing for 10 ms
+    /// (`PARK_AFTER`; never after an upgrade answered without switching), hyper reads
     /// the end of the stream and ends its connection (gracefully, as for a client that closed),
     /// and this layer skips the shutdown that follows. The server then takes the stream back
     /// ([`Verdicts::take_parked`] says so) and waits for the next head with
