@@ -295,6 +295,12 @@ impl<T> CheckedIo<T> {
         self
     }
 
+    /// Whether a request head has been handed on: in a connection waiting for a head, that it
+    /// has parked rather than not yet been served.
+    pub(crate) fn has_served(&self) -> bool {
+        self.scanner.heads > 0
+    }
+
     /// The verdicts on this connection's heads, shared with its service.
     pub(crate) fn verdicts(&self) -> &Arc<Verdicts> {
         &self.scanner.verdicts

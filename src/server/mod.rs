@@ -358,7 +358,7 @@ impl Server {
                         }
                         let here = OpenHere::new(Arc::clone(&open_here));
                         let server = Arc::clone(&self);
-                        let counted = open.clone().map(OpenConnection::new);
+                        let counted = open.clone().map(GaugeGuard::new);
                         let settings = settings.load_full();
                         let idle = idle.clone();
                         self.connections.spawn(async move {
@@ -678,17 +678,19 @@ impl Drop for OpenHere {
     }
 }
 
-/// Counts one open client connection in its listener's gauge until dropped.
-struct OpenConnection(prometheus::IntGauge);
+/// Counts one in a gauge until dropped: an open client connection in its listener's gauge, a
+/// parked one in the idle gauge.
+pub(crate) struct GaugeGuard(prometheus::IntGauge);
 
-impl OpenConnection {
-    fn new(gauge: prometheus::IntGauge) -> Self {
+impl GaugeGuard {
+    /// Counts one in `gauge` until the guard is dropped.
+    pub(crate) fn new(gauge: prometheus::IntGauge) -> Self {
         gauge.inc();
-        OpenConnection(gauge)
+        GaugeGuard(gauge)
     }
 }
 
-impl Drop for OpenConnection {
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
     }

@@ -23,6 +23,7 @@ use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::framing::{CheckedIo, Opening, Verdicts};
+use super::GaugeGuard;
 
 /// A connection's error, from hyper or from reading a head.
 pub(crate) type ServeError = Box<dyn StdError + Send + Sync>;
@@ -67,8 +68,8 @@ where
         io: CheckedIo<I>,
         service: S,
         builders: Arc<Builders>,
-        /// Set after a park (the connection has been served): counted as idle meanwhile.
-        parked: Option<Parked>,
+        /// Counts the connection as idle while it waits after a park.
+        _idle: Option<GaugeGuard>,
     },
     // Boxed: hyper's connection state is large, and the task holding this enum then stays the
     // size of `Opening`. Kept beside it, the builders serve the next head after a park.
@@ -104,7 +105,7 @@ where
                 io,
                 service,
                 builders,
-                parked: None,
+                _idle: None,
             },
         }
     }
@@ -114,7 +115,7 @@ where
     /// down.
     pub(crate) fn graceful_shutdown(&mut self) {
         match &mut self.state {
-            State::Opening { parked: None, .. } => self.state = State::Done,
+            State::Opening { io, .. } if !io.has_served() => self.state = State::Done,
             State::Opening { .. } => {
                 let State::Opening { io, .. } = std::mem::replace(&mut self.state, State::Done)
                 else {
@@ -125,26 +126,6 @@ where
             State::Http1(conn, _) => Pin::new(&mut **conn).graceful_shutdown(),
             State::Http2(conn) => conn.as_mut().graceful_shutdown(),
             State::Closing(_) | State::Done => {}
-        }
-    }
-}
-
-/// Counts one parked connection in its listener's idle gauge (when it has one) until dropped.
-struct Parked(Option<IntGauge>);
-
-impl Parked {
-    fn new(gauge: Option<IntGauge>) -> Self {
-        if let Some(gauge) = &gauge {
-            gauge.inc();
-        }
-        Parked(gauge)
-    }
-}
-
-impl Drop for Parked {
-    fn drop(&mut self) {
-        if let Some(gauge) = &self.0 {
-            gauge.dec();
         }
     }
 }
@@ -230,7 +211,7 @@ where
                         io,
                         service: parts.service,
                         builders,
-                        parked: Some(Parked::new(this.idle.clone())),
+                        _idle: this.idle.clone().map(GaugeGuard::new),
                     };
                 }
                 State::Http2(conn) => return conn.as_mut().poll(cx).map_err(Into::into),
