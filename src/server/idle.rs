@@ -1,15 +1,28 @@
 //! Client-connection idleness: a byte counter on the socket and a count of requests waiting for
 //! their response headers. A connection that moved no byte for a whole `timeouts.idle` period while
 //! no request waited on a backend is idle, and is closed gracefully (HTTP/2 gets a GOAWAY).
+//! [`Watched`] is the connection's task: it applies that check and the server's stop.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use hyper::body::{Body, Incoming};
+use hyper::service::HttpService;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::serving::{ServeError, Serving};
+use crate::proxy::ConnInfo;
+
+/// How many times per `timeouts.idle` period a client connection is checked for idleness.
+const IDLE_CHECKS: u32 = 4;
 
 /// What one client connection has been doing.
 #[derive(Debug, Default)]
@@ -117,5 +130,151 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+pin_project! {
+    /// A client connection's task: serves it until it ends, closes it gracefully once it has been
+    /// idle for `idle`, drops it if it still has not finished `idle` after that, and closes it
+    /// gracefully when the server stops. `G` is held until the connection ends (what counts it).
+    ///
+    /// Written out rather than as an `async` block around `select!`: the block kept a pinning
+    /// reference beside each of its timers and the select's own state, and every connection's
+    /// task is as large as this future, idle ones included.
+    pub(crate) struct Watched<I, S, G>
+    where
+        I: AsyncRead,
+        I: AsyncWrite,
+        I: Unpin,
+        S: HttpService<Incoming>,
+    {
+        serving: Serving<I, S>,
+        // Checked `IDLE_CHECKS` times per period, so a connection closes between 1 and 1.25 ×
+        // `idle`; a sleep reset after each check, so a starved task never fires several quiet
+        // checks back to back.
+        #[pin]
+        idle_check: Sleep,
+        #[pin]
+        stopping: WaitForCancellationFutureOwned,
+        activity: Arc<Activity>,
+        info: Arc<ConnInfo>,
+        idle: Duration,
+        bytes_at_last_check: u64,
+        quiet_checks: u32,
+        // Closing gracefully (for idleness or the server's stop).
+        closing: bool,
+        // Closing for idleness: a connection that still does not finish (a client that stopped
+        // reading) is dropped `idle` later, timed by the same sleep.
+        hard_closing: bool,
+        _held: G,
+    }
+}
+
+impl<I, S, G> Watched<I, S, G>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    S: HttpService<Incoming>,
+{
+    /// Watches `serving`, whose bytes and waiting requests `activity` counts, over the client
+    /// connection `info`; `stop` closes it gracefully.
+    pub(crate) fn new(
+        serving: Serving<I, S>,
+        activity: Arc<Activity>,
+        info: Arc<ConnInfo>,
+        idle: Duration,
+        stop: CancellationToken,
+        held: G,
+    ) -> Self {
+        Watched {
+            serving,
+            idle_check: tokio::time::sleep(check_period(idle)),
+            stopping: stop.cancelled_owned(),
+            bytes_at_last_check: activity.bytes(),
+            activity,
+            info,
+            idle,
+            quiet_checks: 0,
+            closing: false,
+            hard_closing: false,
+            _held: held,
+        }
+    }
+}
+
+/// The time between two idleness checks.
+fn check_period(idle: Duration) -> Duration {
+    (idle / IDLE_CHECKS).max(Duration::from_millis(1))
+}
+
+impl<I, S, G> Future for Watched<I, S, G>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<ServeError>,
+    S::ResBody: Send + 'static,
+    <S::ResBody as Body>::Data: Send,
+    <S::ResBody as Body>::Error: Into<ServeError>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        // The connection first, then the stop, then the idle check, each time round; a step that
+        // changed something goes round again, so that the connection sees it.
+        loop {
+            if let Poll::Ready(result) = Pin::new(&mut *this.serving).poll(cx) {
+                if let Err(error) = result {
+                    let peer = this.info.peer;
+                    tracing::debug!(%peer, %error, "client connection ended with an error");
+                }
+                return Poll::Ready(());
+            }
+            if !*this.closing && this.stopping.as_mut().poll(cx).is_ready() {
+                *this.closing = true;
+                this.serving.graceful_shutdown();
+                continue;
+            }
+            if *this.closing && !*this.hard_closing {
+                return Poll::Pending;
+            }
+            if this.idle_check.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let bytes = this.activity.bytes();
+            if *this.hard_closing {
+                // A stream opened before the client saw the GOAWAY may still be waiting on a
+                // backend or moving bytes: give it another period.
+                if this.activity.is_waiting() || bytes != *this.bytes_at_last_check {
+                    *this.bytes_at_last_check = bytes;
+                    this.idle_check.as_mut().reset(Instant::now() + *this.idle);
+                    continue;
+                }
+                let peer = this.info.peer;
+                tracing::debug!(%peer, "idle client connection did not close; dropping it");
+                return Poll::Ready(());
+            }
+            // On schedule, unless this check ran late (then a full period from now).
+            let period = check_period(*this.idle);
+            let now = Instant::now();
+            let next = this.idle_check.deadline() + period;
+            this.idle_check
+                .as_mut()
+                .reset(if next > now { next } else { now + period });
+            if bytes == *this.bytes_at_last_check && !this.activity.is_waiting() {
+                *this.quiet_checks += 1;
+            } else {
+                *this.quiet_checks = 0;
+            }
+            *this.bytes_at_last_check = bytes;
+            if *this.quiet_checks >= IDLE_CHECKS {
+                let peer = this.info.peer;
+                tracing::debug!(%peer, "closing idle client connection");
+                *this.closing = true;
+                *this.hard_closing = true;
+                this.idle_check.as_mut().reset(Instant::now() + *this.idle);
+                this.serving.graceful_shutdown();
+            }
+        }
     }
 }

@@ -38,15 +38,12 @@ mod idle;
 mod serving;
 
 use framing::{Answered, CheckedIo, HeadLimits, Verdict, Verdicts};
-use idle::{Activity, CountingIo};
+use idle::{Activity, CountingIo, Watched};
 use serving::{Builders, Serving};
 
 /// Connections the kernel queues for `accept` (capped by `net.core.somaxconn`). std and mio use
 /// 128, which a burst of new connections overflows; nginx uses 511.
 const LISTEN_BACKLOG: u32 = 1024;
-
-/// How many times per `timeouts.idle` period a client connection is checked for idleness.
-const IDLE_CHECKS: u32 = 4;
 
 /// Most concurrent HTTP/2 streams per client connection.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -356,16 +353,19 @@ impl Server {
                             drop(stream);
                             continue;
                         }
-                        let here = OpenHere::new(Arc::clone(&open_here));
-                        let server = Arc::clone(&self);
-                        let counted = open.clone().map(GaugeGuard::new);
+                        let counted = Counted {
+                            _open: open.clone().map(GaugeGuard::new),
+                            _here: OpenHere::new(Arc::clone(&open_here)),
+                        };
                         let settings = settings.load_full();
-                        let idle = idle.clone();
-                        self.connections.spawn(async move {
-                            server.serve_connection(stream, peer, settings, idle).await;
-                            drop(counted);
-                            drop(here);
-                        });
+                        let serving = Arc::clone(&self).serve_connection(
+                            stream,
+                            peer,
+                            settings,
+                            idle.clone(),
+                            counted,
+                        );
+                        self.connections.spawn(serving);
                     }
                     Err(error) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -385,6 +385,7 @@ impl Server {
         peer: SocketAddr,
         settings: Arc<ListenerSettings>,
         idle: Option<IntGauge>,
+        counted: Counted,
     ) -> impl Future<Output = ()> + Send {
         // Inherited from the listener on Linux (see `listen`).
         #[cfg(not(target_os = "linux"))]
@@ -413,12 +414,18 @@ impl Server {
                 proto: "http",
                 redirect: settings.redirect,
             };
-            return Either::Left(self.serve_http(io, info, conn, true));
+            return Either::Left(self.serve_http(io, info, conn, true, counted));
         };
         // Boxed: the handshake's and the TLS stream's state would otherwise make room in every
         // connection's task, cleartext ones included.
         let server_config = Arc::clone(server_config);
-        Either::Right(Box::pin(self.serve_tls(io, peer, server_config, conn)))
+        Either::Right(Box::pin(self.serve_tls(
+            io,
+            peer,
+            server_config,
+            conn,
+            counted,
+        )))
     }
 
     /// Accepts the TLS handshake within `client_header`, then serves HTTP over it.
@@ -428,6 +435,7 @@ impl Server {
         peer: SocketAddr,
         server_config: Arc<rustls::ServerConfig>,
         conn: ConnSettings,
+        counted: Counted,
     ) {
         // A client gets `client_header` to finish the handshake, as it does to send its headers.
         let accepting = TlsAcceptor::from(server_config).accept(io);
@@ -452,7 +460,7 @@ impl Server {
             proto: "https",
             redirect: None,
         };
-        self.serve_http(stream, info, conn, false).await;
+        self.serve_http(stream, info, conn, false, counted).await;
     }
 
     /// Serves HTTP/1.1 and HTTP/2 on one client connection until it ends, is idle for
@@ -468,6 +476,7 @@ impl Server {
         info: ConnInfo,
         conn: ConnSettings,
         plain_tcp: bool,
+        counted: Counted,
     ) -> impl Future<Output = ()> + Send
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -480,7 +489,6 @@ impl Server {
             activity,
             idle_gauge,
         } = conn;
-        let peer = info.peer;
         // HTTP/1 heads are checked before hyper reads them (see `framing`); the verdicts go to
         // the service, one per request.
         let verdicts = Arc::new(Verdicts::default());
@@ -492,6 +500,7 @@ impl Server {
         let shared = Arc::clone(&self.shared);
         let service_activity = Arc::clone(&activity);
         let info = Arc::new(info);
+        let connection_info = Arc::clone(&info);
         let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             let shared = Arc::clone(&shared);
             let info = Arc::clone(&info);
@@ -526,69 +535,15 @@ impl Server {
                 Ok::<_, Infallible>(response.map(|body| Answered::new(body, answered)))
             }
         });
-        let mut connection = Serving::new(io, service, builders, idle_gauge);
-        async move {
-            // Checked four times per period, so a connection closes between 1 and 1.25 × `idle`.
-            let period = (idle / IDLE_CHECKS).max(Duration::from_millis(1));
-            // A sleep reset after each check (so a starved task never fires several quiet checks
-            // back to back), and the shutdown signal, made once: the loop below runs at every
-            // wake-up of the connection, a few times per request.
-            let idle_check = tokio::time::sleep(period);
-            tokio::pin!(idle_check);
-            let stopping = self.shutdown.cancelled();
-            tokio::pin!(stopping);
-            // After a graceful close for idleness, a connection that still does not finish (a
-            // client that stopped reading) is dropped `idle` later, timed by the same sleep.
-            let mut hard_closing = false;
-            let mut bytes_at_last_check = activity.bytes();
-            let mut quiet_checks = 0;
-            let mut closing = false;
-            let result = loop {
-                tokio::select! {
-                    biased;
-                    result = &mut connection => break result,
-                    _ = &mut stopping, if !closing => {
-                        closing = true;
-                        connection.graceful_shutdown();
-                    }
-                    _ = &mut idle_check, if !closing || hard_closing => {
-                        if hard_closing {
-                            // A stream opened before the client saw the GOAWAY may still be
-                            // waiting on a backend or moving bytes: give it another period.
-                            let bytes = activity.bytes();
-                            if activity.is_waiting() || bytes != bytes_at_last_check {
-                                bytes_at_last_check = bytes;
-                                idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
-                                continue;
-                            }
-                            tracing::debug!(%peer, "idle client connection did not close; dropping it");
-                            break Ok(());
-                        }
-                        // On schedule, unless this check ran late (then a full period from now).
-                        let now = tokio::time::Instant::now();
-                        let next = idle_check.deadline() + period;
-                        idle_check.as_mut().reset(if next > now { next } else { now + period });
-                        let bytes = activity.bytes();
-                        if bytes == bytes_at_last_check && !activity.is_waiting() {
-                            quiet_checks += 1;
-                        } else {
-                            quiet_checks = 0;
-                        }
-                        bytes_at_last_check = bytes;
-                        if quiet_checks >= IDLE_CHECKS {
-                            tracing::debug!(%peer, "closing idle client connection");
-                            closing = true;
-                            hard_closing = true;
-                            idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
-                            connection.graceful_shutdown();
-                        }
-                    }
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "client connection ended with an error");
-            }
-        }
+        let serving = Serving::new(io, service, builders, idle_gauge);
+        Watched::new(
+            serving,
+            activity,
+            connection_info,
+            idle,
+            self.shutdown.clone(),
+            counted,
+        )
     }
 
     /// hyper's servers as `timeouts` and `limits` configure them, shared by the connections that
@@ -660,6 +615,14 @@ impl Server {
         }
         finished
     }
+}
+
+/// What counts an open client connection until it ends.
+struct Counted {
+    /// In its listener's `switchyard_downstream_connections`.
+    _open: Option<GaugeGuard>,
+    /// Against its listener's `max_connections`.
+    _here: OpenHere,
 }
 
 /// Counts one open connection against its listener's `max_connections` until dropped.
