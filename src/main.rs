@@ -10,11 +10,13 @@ use switchyard::config::{Config, LogFormat};
 use switchyard::reload::ReloadReport;
 use switchyard::server::Server;
 
+mod allocator;
+
 /// mimalloc rather than glibc's malloc: hyper allocates its two 8 KiB buffers for every connection
 /// (and again when an idle keep-alive connection gets its next request), larger than glibc's
 /// per-thread cache takes, and tokio's tasks are 128-byte aligned; see `BENCHMARKS.md` (session 5).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
 
 /// HTTP load balancer and reverse proxy.
 #[derive(Debug, Parser)]

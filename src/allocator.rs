@@ -1,0 +1,116 @@
+//! The binary's global allocator: mimalloc, asked for an alignment only when its plain `malloc`
+//! would not give it anyway.
+//!
+//! The `mimalloc` crate's allocator passes every allocation to `mi_malloc_aligned`. mimalloc v3
+//! serves that quickly only for blocks up to 1 KiB whose size class has a free block at hand;
+//! anything else (hyper's 8 KiB buffers, a page of small blocks running out) takes its generic
+//! aligned path, which over-allocates every size whose class is not a power of two. That path was
+//! 4.5 calls and 1,100 instructions per keep-alive request, 3% of the proxy's user-space work
+//! (callgrind, `BENCHMARKS.md`, session 6). mimalloc's `malloc` is a C `malloc`: its blocks are
+//! aligned for any fundamental type, so std's own rule for the system allocator applies (an
+//! alignment of at most 16 and at most the size goes to plain `malloc`). The rest, such as tokio's
+//! 128-byte-aligned tasks, keeps the aligned calls.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::ffi::c_void;
+
+use libmimalloc_sys::{
+    mi_free, mi_malloc, mi_malloc_aligned, mi_realloc, mi_realloc_aligned, mi_zalloc,
+    mi_zalloc_aligned,
+};
+
+/// What C's `malloc` guarantees on x86-64 and aarch64 Linux: `alignof(max_align_t)`, mimalloc's
+/// `MI_MAX_ALIGN_SIZE`.
+const MALLOC_ALIGN: usize = 16;
+
+/// mimalloc behind Rust's allocator interface; see the module's documentation.
+pub struct MiMalloc;
+
+/// Whether plain `malloc(size)` returns memory aligned as `align` asks.
+fn malloc_aligns(align: usize, size: usize) -> bool {
+    align <= MALLOC_ALIGN && align <= size
+}
+
+// SAFETY: every block comes from mimalloc, sized and aligned as the layout asks (plain `malloc`
+// only where its guarantee covers the alignment), and goes back to mimalloc's `mi_free`, which
+// takes blocks from any of these calls.
+unsafe impl GlobalAlloc for MiMalloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: a size and a power-of-two alignment, as mimalloc's functions take them.
+        unsafe {
+            if malloc_aligns(layout.align(), layout.size()) {
+                mi_malloc(layout.size()).cast()
+            } else {
+                mi_malloc_aligned(layout.size(), layout.align()).cast()
+            }
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as in `alloc`.
+        unsafe {
+            if malloc_aligns(layout.align(), layout.size()) {
+                mi_zalloc(layout.size()).cast()
+            } else {
+                mi_zalloc_aligned(layout.size(), layout.align()).cast()
+            }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, so from mimalloc.
+        unsafe { mi_free(ptr.cast::<c_void>()) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from this allocator; the new block keeps `layout`'s alignment.
+        unsafe {
+            if malloc_aligns(layout.align(), new_size) {
+                mi_realloc(ptr.cast::<c_void>(), new_size).cast()
+            } else {
+                mi_realloc_aligned(ptr.cast::<c_void>(), new_size, layout.align()).cast()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks from the plain path and the aligned one are aligned as asked, keep their bytes
+    /// through a reallocation, and are zeroed when asked.
+    #[test]
+    fn blocks_are_aligned_as_their_layout_asks() {
+        let sizes = [
+            1, 7, 8, 12, 16, 24, 48, 100, 112, 768, 1000, 1025, 3000, 8192, 70_000,
+        ];
+        for align in [1, 2, 4, 8, 16, 32, 128, 4096] {
+            for size in sizes {
+                let layout = Layout::from_size_align(size, align).expect("valid layout");
+                unsafe {
+                    let p = MiMalloc.alloc(layout);
+                    assert!(!p.is_null());
+                    assert_eq!(p as usize % align, 0, "alloc size {size} align {align}");
+                    p.write_bytes(0xa5, size);
+                    let grown = MiMalloc.realloc(p, layout, size * 3);
+                    assert_eq!(
+                        grown as usize % align,
+                        0,
+                        "realloc size {size} align {align}"
+                    );
+                    assert!((0..size).all(|i| *grown.add(i) == 0xa5));
+                    MiMalloc.dealloc(grown, Layout::from_size_align(size * 3, align).unwrap());
+                    let z = MiMalloc.alloc_zeroed(layout);
+                    assert_eq!(
+                        z as usize % align,
+                        0,
+                        "alloc_zeroed size {size} align {align}"
+                    );
+                    assert!((0..size).all(|i| *z.add(i) == 0));
+                    MiMalloc.dealloc(z, layout);
+                }
+            }
+        }
+    }
+}
