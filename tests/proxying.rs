@@ -207,6 +207,35 @@ async fn keep_alive_reuses_upstream_connections() {
     );
 }
 
+/// An upstream connection idle in the pool for `timeouts.idle` is not used again: the next request
+/// opens a new one. Within that time, requests share one.
+#[tokio::test]
+async fn an_upstream_connection_idle_for_timeouts_idle_is_not_reused() {
+    let apps = apps(1).await;
+    let text = one_pool(
+        "round_robin",
+        &weight_one(&apps),
+        "[timeouts]\nidle = \"400ms\"\n",
+    );
+    let (_server, proxy) = proxy(&text).await;
+    for _ in 0..3 {
+        assert_eq!(get(proxy, "/", &[]).await.status, 200);
+    }
+    assert_eq!(
+        apps[0].connections(),
+        1,
+        "three requests in a row share one"
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(get(proxy, "/", &[]).await.status, 200);
+    assert_eq!(
+        apps[0].connections(),
+        2,
+        "the pooled connection outlived timeouts.idle and was not reused"
+    );
+    assert_eq!(apps[0].requests(), 4);
+}
+
 #[tokio::test]
 async fn http2_prior_knowledge_reaches_the_backend() {
     let apps = apps(1).await;
