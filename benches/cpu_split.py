@@ -4,7 +4,12 @@ syscalls and the loopback TCP work done on its behalf), for switchyard, nginx an
 same load. proxy-compare reports only the sum; this splits it.
 
     cargo build --release
-    benches/cpu_split.py [--rounds 3] [--duration 6] [--close]
+    benches/cpu_split.py [--rounds 3] [--duration 6] [--close] [--contenders LIST]
+
+`--contenders` picks who runs, in that order each round (default `nginx,haproxy,switchyard`);
+`switchyard-ip_hash` and `switchyard-cookie` are switchyard with that strategy instead of
+round_robin, so `--contenders switchyard,switchyard-ip_hash` compares two strategies under the
+same load (the cookie pool's clients send no cookie: each response sets one).
 
 Three backends in one nginx (1 worker, pinned to CPU 1, answering `200 ok` like proxy-compare's),
 each proxy with one worker pinned to CPU 0 and the same upstream keep-alive settings as
@@ -25,7 +30,13 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = [18181, 18182, 18183]
-PORTS = {"switchyard": 18195, "nginx": 18190, "haproxy": 18191}
+PORTS = {
+    "nginx": 18190,
+    "haproxy": 18191,
+    "switchyard": 18195,
+    "switchyard-ip_hash": 18196,
+    "switchyard-cookie": 18197,
+}
 
 
 def cpu_ticks(pid):
@@ -85,13 +96,18 @@ def configs(tmp):
             "backend be\n  balance roundrobin\n  http-reuse always\n"
             + "".join(f"  server s{i} 127.0.0.1:{p}\n" for i, p in enumerate(BACKENDS, 1))
         ),
-        "switchyard.toml": (
-            f'[runtime]\nworkers = 1\n\n[[listeners]]\nlisten = "127.0.0.1:{PORTS["switchyard"]}"\n\n'
-            '[[routes]]\npool = "bench"\n\n[pools.bench]\nstrategy = "round_robin"\nbackends = ['
-            + ", ".join(f'{{ address = "127.0.0.1:{p}" }}' for p in BACKENDS)
-            + "]\n"
-        ),
     }
+    for name, strategy in [
+        ("switchyard", "round_robin"),
+        ("switchyard-ip_hash", "ip_hash"),
+        ("switchyard-cookie", "cookie"),
+    ]:
+        files[f"{name}.toml"] = (
+            f'[runtime]\nworkers = 1\n\n[[listeners]]\nlisten = "127.0.0.1:{PORTS[name]}"\n\n'
+            f'[[routes]]\npool = "bench"\n\n[pools.bench]\nstrategy = "{strategy}"\nbackends = ['
+            + ", ".join(f'{{ address = "127.0.0.1:{p}" }}' for p in BACKENDS)
+            + ']\n\n[pools.bench.cookie]\nname = "sy"\nsecret = "cpu-split-secret-0123456789"\n'
+        )
     for name, text in files.items():
         with open(os.path.join(tmp, name), "w") as f:
             f.write(text)
@@ -103,7 +119,7 @@ def start(name, tmp, binary, procs):
     elif name == "haproxy":
         argv = ["haproxy", "-db", "-f", f"{tmp}/haproxy.cfg"]
     else:
-        argv = [binary, "--config", f"{tmp}/switchyard.toml"]
+        argv = [binary, "--config", f"{tmp}/{name}.toml"]
     env = dict(os.environ, RUST_LOG="warn")
     proc = subprocess.Popen(["taskset", "-c", "0"] + argv, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -131,7 +147,13 @@ def main():
     parser.add_argument("--duration", type=int, default=6)
     parser.add_argument("--close", action="store_true", help="a new connection per request")
     parser.add_argument("--binary", default=os.path.join(REPO, "target/release/switchyard"))
+    parser.add_argument("--contenders", default="nginx,haproxy,switchyard",
+                        help="comma-separated, from: " + ", ".join(PORTS))
     args = parser.parse_args()
+    contenders = args.contenders.split(",")
+    unknown = [c for c in contenders if c not in PORTS]
+    if unknown:
+        sys.exit(f"unknown contenders {unknown}: choose from {', '.join(PORTS)}")
     hz = os.sysconf("SC_CLK_TCK")
     procs = []
     rows = []
@@ -144,7 +166,7 @@ def main():
             procs.append(backend)
             wait_port(BACKENDS[0], backend, "backend nginx")
             for round_ in range(1, args.rounds + 1):
-                for name in ["nginx", "haproxy", "switchyard"]:
+                for name in contenders:
                     proc = start(name, tmp, args.binary, procs)
                     wrk(PORTS[name], 1, args.close)  # warm-up: upstream connections, caches
                     before = cpu_ticks(proc.pid)
@@ -153,7 +175,7 @@ def main():
                     user = (after[0] - before[0]) / hz * 1e6 / requests
                     system = (after[1] - before[1]) / hz * 1e6 / requests
                     rows.append((round_, name, requests, user, system))
-                    print(f"round {round_} {name:10} {requests:>8} requests  user {user:5.2f}  "
+                    print(f"round {round_} {name:18} {requests:>8} requests  user {user:5.2f}  "
                           f"kernel {system:5.2f}  total {user + system:5.2f} µs/request",
                           file=sys.stderr, flush=True)
                     proc.send_signal(signal.SIGTERM)
@@ -171,7 +193,7 @@ def main():
     def median(values):
         return sorted(values)[len(values) // 2]
 
-    for name in ["nginx", "haproxy", "switchyard"]:
+    for name in contenders:
         mine = [r for r in rows if r[1] == name]
         # Each column's own median: the total is the median of the rounds' totals, not a sum.
         user = median([r[3] for r in mine])
