@@ -156,6 +156,7 @@ pin_project! {
         idle_check: Sleep,
         #[pin]
         stopping: WaitForCancellationFutureOwned,
+        stop: CancellationToken,
         activity: Arc<Activity>,
         info: Arc<ConnInfo>,
         idle: Duration,
@@ -166,6 +167,11 @@ pin_project! {
         // Closing for idleness: a connection that still does not finish (a client that stopped
         // reading) is dropped `idle` later, timed by the same sleep.
         hard_closing: bool,
+        // The stop signal and the idle check hold this task's waker: polled once (and the sleep
+        // again after each reset), they wake the task when they are due, so a wake-up in between
+        // (several per request) only looks at a flag instead of polling them again.
+        stop_armed: bool,
+        idle_armed: bool,
         _held: G,
     }
 }
@@ -188,7 +194,8 @@ where
         Watched {
             serving,
             idle_check: tokio::time::sleep(check_period(idle)),
-            stopping: stop.cancelled_owned(),
+            stopping: stop.clone().cancelled_owned(),
+            stop,
             bytes_at_last_check: activity.bytes(),
             activity,
             info,
@@ -196,6 +203,8 @@ where
             quiet_checks: 0,
             closing: false,
             hard_closing: false,
+            stop_armed: false,
+            idle_armed: false,
             _held: held,
         }
     }
@@ -230,17 +239,26 @@ where
                 }
                 return Poll::Ready(());
             }
-            if !*this.closing && this.stopping.as_mut().poll(cx).is_ready() {
-                *this.closing = true;
-                this.serving.graceful_shutdown();
-                continue;
+            if !*this.closing && (!*this.stop_armed || this.stop.is_cancelled()) {
+                if this.stopping.as_mut().poll(cx).is_ready() {
+                    *this.closing = true;
+                    this.serving.graceful_shutdown();
+                    continue;
+                }
+                *this.stop_armed = true;
             }
             if *this.closing && !*this.hard_closing {
                 return Poll::Pending;
             }
-            if this.idle_check.as_mut().poll(cx).is_pending() {
+            if *this.idle_armed && !this.idle_check.is_elapsed() {
                 return Poll::Pending;
             }
+            if this.idle_check.as_mut().poll(cx).is_pending() {
+                *this.idle_armed = true;
+                return Poll::Pending;
+            }
+            // Each path below resets the sleep or ends the task.
+            *this.idle_armed = false;
             let bytes = this.activity.bytes();
             if *this.hard_closing {
                 // A stream opened before the client saw the GOAWAY may still be waiting on a
