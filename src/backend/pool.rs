@@ -317,12 +317,16 @@ impl ConnPool {
     fn checkout(&self, max_idle: Duration) -> Option<SendRequest<UpstreamBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let expired = |since: Instant| now.saturating_duration_since(since) >= max_idle;
-        while idle.front().is_some_and(|e| expired(e.since)) {
+        // Entries are in return order, so once the expired ones are gone from the front, every
+        // one left is young enough.
+        while idle
+            .front()
+            .is_some_and(|e| now.saturating_duration_since(e.since) >= max_idle)
+        {
             idle.pop_front();
         }
         while let Some(entry) = idle.pop_back() {
-            if !entry.sender.is_closed() && !expired(entry.since) {
+            if !entry.sender.is_closed() {
                 return Some(entry.sender);
             }
         }
