@@ -376,7 +376,7 @@ async fn trickled_and_missing_heads_are_cut_while_others_are_served() {
 async fn client_header_counts_from_the_last_answer_on_a_parked_connection() {
     let backend = wire_backend().await;
     let tail = "[timeouts]\nclient_header = \"1s\"\n";
-    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend.addr, 1)], tail)).await;
+    let (server, proxy) = proxy(&one_pool("round_robin", &[(backend.addr, 1)], tail)).await;
     let answered = |mut conn: TcpStream| async move {
         conn.write_all(b"GET /first HTTP/1.1\r\nhost: a\r\n\r\n")
             .await
@@ -401,8 +401,10 @@ async fn client_header_counts_from_the_last_answer_on_a_parked_connection() {
     };
     let late = async {
         let (mut conn, since) = answered(TcpStream::connect(proxy).await.unwrap()).await;
-        // Long parked by now.
+        // Long parked by now, as is the silent one.
         tokio::time::sleep(Duration::from_millis(600)).await;
+        let idle = server.metrics().downstream_idle(proxy).get();
+        assert_eq!(idle, 2, "both connections parked");
         conn.write_all(b"GET /second HTTP/1.1\r\nho").await.unwrap();
         cut_after(conn, since).await
     };

@@ -777,6 +777,8 @@ async fn an_idle_tls_connection_ended_by_a_stop_gets_close_notify() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 204"));
     // Well past the 10 ms after which an idle connection lets go of its HTTP/1 state.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle = server.metrics().downstream_idle(server.listen_addrs()[0]);
+    assert_eq!(idle.get(), 1, "the connection parked");
     let stopping = {
         let server = Arc::clone(&server);
         tokio::spawn(async move { server.shutdown(Duration::from_secs(5)).await })
