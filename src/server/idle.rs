@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -156,7 +156,8 @@ pin_project! {
         idle_check: Sleep,
         #[pin]
         stopping: WaitForCancellationFutureOwned,
-        stop: CancellationToken,
+        // Set just before the stop's token is cancelled (see `Server::shutdown`).
+        stopped: Arc<AtomicBool>,
         activity: Arc<Activity>,
         info: Arc<ConnInfo>,
         idle: Duration,
@@ -169,7 +170,7 @@ pin_project! {
         hard_closing: bool,
         // The stop signal and the idle check hold this task's waker: polled once (and the sleep
         // again after each reset), they wake the task when they are due, so a wake-up in between
-        // (several per request) only looks at a flag instead of polling them again.
+        // (several per request) only reads `stopped` and whether the sleep has elapsed.
         stop_armed: bool,
         idle_armed: bool,
         _held: G,
@@ -182,20 +183,22 @@ where
     S: HttpService<Incoming>,
 {
     /// Watches `serving`, whose bytes and waiting requests `activity` counts, over the client
-    /// connection `info`; `stop` closes it gracefully.
+    /// connection `info`; `stop` closes it gracefully, and `stopped` is set just before it is
+    /// cancelled.
     pub(crate) fn new(
         serving: Serving<I, S>,
         activity: Arc<Activity>,
         info: Arc<ConnInfo>,
         idle: Duration,
         stop: CancellationToken,
+        stopped: Arc<AtomicBool>,
         held: G,
     ) -> Self {
         Watched {
             serving,
             idle_check: tokio::time::sleep(check_period(idle)),
-            stopping: stop.clone().cancelled_owned(),
-            stop,
+            stopping: stop.cancelled_owned(),
+            stopped,
             bytes_at_last_check: activity.bytes(),
             activity,
             info,
@@ -239,7 +242,7 @@ where
                 }
                 return Poll::Ready(());
             }
-            if !*this.closing && (!*this.stop_armed || this.stop.is_cancelled()) {
+            if !*this.closing && (!*this.stop_armed || this.stopped.load(Ordering::Acquire)) {
                 if this.stopping.as_mut().poll(cx).is_ready() {
                     *this.closing = true;
                     this.serving.graceful_shutdown();

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -104,6 +104,9 @@ pub struct Server {
     /// Keyed by role and *configured* address, so a reload keeps listeners whose line stayed.
     listeners: Mutex<BTreeMap<ListenerKey, Listener>>,
     shutdown: CancellationToken,
+    /// Set just before `shutdown` is cancelled: a connection reads it at each wake-up, where the
+    /// token's own `is_cancelled` would take the mutex all connections share.
+    stopped: Arc<AtomicBool>,
     connections: TaskTracker,
     /// Reloads (and snapshot refreshes after a drain) happen one at a time.
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
@@ -162,6 +165,7 @@ impl Server {
             shared: Shared::new(config),
             listeners: Mutex::new(BTreeMap::new()),
             shutdown: CancellationToken::new(),
+            stopped: Arc::new(AtomicBool::new(false)),
             connections: TaskTracker::new(),
             reload_lock: tokio::sync::Mutex::new(()),
             file_reload_lock: tokio::sync::Mutex::new(()),
@@ -543,6 +547,7 @@ impl Server {
             connection_info,
             idle,
             self.shutdown.clone(),
+            Arc::clone(&self.stopped),
             counted,
         )
     }
@@ -603,6 +608,7 @@ impl Server {
     /// Stops accepting, lets in-flight requests finish for at most `limit`, and reports whether
     /// every connection finished in time.
     pub async fn shutdown(&self, limit: Duration) -> bool {
+        self.stopped.store(true, Ordering::Release);
         self.shutdown.cancel();
         self.connections.close();
         let finished = tokio::time::timeout(limit, self.connections.wait())
