@@ -9,17 +9,15 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use futures_util::future::{self, FutureExt};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use pin_project_lite::pin_project;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -367,10 +365,15 @@ impl Server {
                         let server = Arc::clone(&self);
                         let settings = settings.load_full();
                         let idle = idle.clone();
-                        // Set up by the task, on whichever worker runs it, not by this loop.
-                        self.connections.spawn(SetUpFirst::new(move || {
-                            server.serve_connection(stream, peer, settings, idle, counted)
-                        }));
+                        // Set up by the task, on whichever worker runs it, not by this loop;
+                        // `lazy` then `flatten` keeps no room for the captures beside the
+                        // connection's future, as an `async` block awaiting it would.
+                        self.connections.spawn(
+                            future::lazy(move |_| {
+                                server.serve_connection(stream, peer, settings, idle, counted)
+                            })
+                            .flatten(),
+                        );
                     }
                     Err(error) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -621,44 +624,6 @@ impl Server {
             );
         }
         finished
-    }
-}
-
-pin_project! {
-    /// A future made by `set_up` when first polled, then polled in its place. Unlike an `async`
-    /// block awaiting it, it does not keep room for `set_up`'s captures beside the future.
-    #[project = SetUpProj]
-    enum SetUpFirst<C, F> {
-        Pending { set_up: Option<C> },
-        Running { #[pin] future: F },
-    }
-}
-
-impl<C, F> SetUpFirst<C, F> {
-    fn new(set_up: C) -> Self {
-        SetUpFirst::Pending {
-            set_up: Some(set_up),
-        }
-    }
-}
-
-impl<C, F> Future for SetUpFirst<C, F>
-where
-    C: FnOnce() -> F,
-    F: Future,
-{
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        loop {
-            match self.as_mut().project() {
-                SetUpProj::Pending { set_up } => {
-                    let set_up = set_up.take().expect("set up once, then replaced");
-                    self.set(SetUpFirst::Running { future: set_up() });
-                }
-                SetUpProj::Running { future } => return future.poll(cx),
-            }
-        }
     }
 }
 
