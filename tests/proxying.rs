@@ -336,6 +336,79 @@ async fn idle_client_connections_are_closed_but_waiting_ones_are_not() {
     assert_eq!(response.status(), 200);
 }
 
+/// A client that stops reading a long response moves no byte and waits on no backend, so it is
+/// idle; it cannot finish a graceful close (its response never ends), so after `timeouts.idle`
+/// more it is dropped rather than held open for as long as the client stays silent.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_response_is_dropped_after_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LENGTH: u64 = 1 << 30;
+    // Answers every request with a 1 GiB body, written as fast as the proxy takes it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {LENGTH}\r\n\r\n");
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let block = vec![b'x'; 64 * 1024];
+                let mut sent = 0;
+                while sent < LENGTH {
+                    if s.write_all(&block).await.is_err() {
+                        return;
+                    }
+                    sent += block.len() as u64;
+                }
+            });
+        }
+    });
+    let tail = "[timeouts]\nidle = \"300ms\"\n";
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], tail)).await;
+    let mut client = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: slow-reader.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let n = client.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200 "),
+        "{:?}",
+        &buf[..n.min(64)]
+    );
+    // The client stops reading: the socket buffers fill, the proxy's writes block, nothing moves.
+    // Idle after 300–375ms, closed gracefully (which cannot finish), dropped 300ms later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut received = n as u64;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(k) => received += k as u64,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stalled client's connection was not dropped"
+    );
+    assert!(
+        received < LENGTH,
+        "the whole body arrived ({received} bytes): the connection was never dropped"
+    );
+}
+
 /// A request counts against its backend until its response body has ended, not when headers arrive
 /// (least_connections and drains depend on it).
 #[tokio::test]
