@@ -481,6 +481,32 @@ async fn https_backend_speaking_http11_keeps_its_connections_alive() {
     }
 }
 
+/// A TLS connection to an HTTP/1.1 backend parks like a plain one, with its TLS session: the
+/// request after the park goes over the same connection, with no new handshake.
+#[tokio::test]
+async fn a_parked_https_connection_carries_the_next_request() {
+    let pki = Pki::new();
+    let (port, seen) = https_backend(&pki, &[b"http/1.1"]).await;
+    let server = start(pki.dir.path(), &https_pool(port, Some(&pki.ca_file()), "")).await;
+    let proxy = server.listen_addrs()[0];
+    let backend = SocketAddr::new(localhost().await, port);
+    let state = server.shared().registry.get(backend).unwrap();
+    let host = [("host", "shop.example")];
+    assert_eq!(get(proxy, "/first", &host).await.status, StatusCode::OK);
+    wait_until("the idle connection is parked", || {
+        state.pool.idle_connections() == (0, 1)
+    })
+    .await;
+    assert_eq!(get(proxy, "/second", &host).await.status, StatusCode::OK);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[1].connection, 0,
+        "the parked TLS connection carried it"
+    );
+    assert_eq!(seen[1].version, Version::HTTP_11);
+}
+
 #[tokio::test]
 async fn https_backend_that_cannot_be_verified_gets_no_request() {
     let pki = Pki::new();

@@ -379,3 +379,142 @@ async fn several_port_zero_listeners_are_distinct() {
         assert_eq!(get(addr, "/", &[]).await.status, 200);
     }
 }
+
+/// An upstream connection idle for a second is parked (hyper's connection over it ends, and with
+/// it its buffers), and the next request starts a new one over the same socket: the backend sees
+/// one connection carry both requests.
+#[tokio::test]
+async fn an_idle_upstream_connection_is_parked_and_its_socket_reused() {
+    let (backend, seen) =
+        support::tls::recording_backend("127.0.0.1:0".parse().unwrap(), None).await;
+    let (server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
+    let state = server.shared().registry.get(backend).unwrap();
+    assert_eq!(get(proxy, "/one", &[]).await.status, 200);
+    wait_until("the connection is back in the pool, ready", || {
+        state.pool.idle_connections() == (1, 0)
+    })
+    .await;
+    wait_until("the idle connection is parked", || {
+        state.pool.idle_connections() == (0, 1)
+    })
+    .await;
+    assert_eq!(get(proxy, "/two", &[]).await.status, 200);
+    wait_until("the connection is back, ready again", || {
+        state.pool.idle_connections() == (1, 0)
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[1].connection, 0,
+        "the parked socket carried the second request"
+    );
+}
+
+/// A backend that closes a parked connection costs nothing: the closed socket is found before a
+/// request is written to it, and the request goes over a new connection (with `retries = 0`, so
+/// no retry could hide a request lost on the closed one).
+#[tokio::test]
+async fn a_parked_connection_the_backend_closed_is_skipped() {
+    // Answers each request on a connection until told to close them all.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let close = Arc::new(tokio::sync::Notify::new());
+    let (counted, closing) = (Arc::clone(&accepted), Arc::clone(&close));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let closing = Arc::clone(&closing);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = tokio::select! {
+                        read = s.read(&mut chunk) => match read {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        },
+                        _ = closing.notified() => return,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let text = pool_with(
+        "round_robin",
+        &[(backend, 1)],
+        "retries = 0",
+        &format!("[\"{SECRET}\"]"),
+        "",
+    );
+    let (server, proxy) = proxy(&text).await;
+    let state = server.shared().registry.get(backend).unwrap();
+    assert_eq!(get(proxy, "/", &[]).await.status, 200);
+    wait_until("the idle connection is parked", || {
+        state.pool.idle_connections() == (0, 1)
+    })
+    .await;
+    close.notify_waiters();
+    // The FIN has reached the proxy's socket once the backend's side is gone; give it a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = get(proxy, "/", &[]).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a new connection was made"
+    );
+    assert_eq!(state.pool.idle_connections().1, 0, "the closed one is gone");
+}
+
+/// An idle upstream connection is closed once it has been idle for `timeouts.idle`, parked or
+/// not, without waiting for another request to notice: the backend sees the close.
+#[tokio::test]
+async fn an_idle_upstream_connection_is_closed_after_idle_without_traffic() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the request");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        let answered = Instant::now();
+        // Whatever comes next, the end of the stream is what the test waits for.
+        while !matches!(s.read(&mut chunk).await, Ok(0) | Err(_)) {}
+        let _ = closed_tx.send(answered.elapsed());
+    });
+    let tail = "[timeouts]\nidle = \"2s\"\n";
+    let (server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], tail)).await;
+    let state = server.shared().registry.get(backend).unwrap();
+    assert_eq!(get(proxy, "/", &[]).await.status, 200);
+    wait_until("the idle connection is parked", || {
+        state.pool.idle_connections() == (0, 1)
+    })
+    .await;
+    let after = tokio::time::timeout(Duration::from_secs(5), closed_rx)
+        .await
+        .expect("the idle connection was not closed within 5s")
+        .unwrap();
+    assert!(
+        after >= Duration::from_millis(1900),
+        "closed after {after:?}, before idle (2s)"
+    );
+    assert_eq!(state.pool.idle_connections(), (0, 0));
+}

@@ -1,12 +1,18 @@
 //! Connections to one backend: keep-alive HTTP/1.1 connections, and for an `https://` backend that
 //! negotiates `h2` by ALPN, one shared HTTP/2 connection that multiplexes every request. Owned by
 //! the backend's live state, so a reload keeps them and a drain can close them.
+//!
+//! An HTTP/1.1 connection idle in the pool for `PARK_AFTER` is parked: hyper's connection over it
+//! ends, with its read and write buffers (about 30 KiB), and the pool keeps the bare stream. The
+//! next request that needs it starts a new hyper connection over the stream. nginx and HAProxy
+//! likewise hold no buffers for an idle upstream keep-alive connection. Only a burst leaves many
+//! connections idle, and the next burst reuses the warm ones first (the list is LIFO).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -20,7 +26,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper::client::conn::{http2, TrySendError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -29,6 +35,12 @@ use crate::error::ProxyError;
 
 /// Idle connections kept per backend at most; more are closed when they return.
 const MAX_IDLE: usize = 1024;
+
+/// How long an HTTP/1.1 connection stays idle in the pool, ready at once, before it is parked.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a pool with idle connections parks and expires them, traffic or not.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// How far a request body has been sent: shared between the body, the exchange (whose
 /// `response_header` clock runs from the body's last progress), the connection (which is clean
@@ -190,8 +202,17 @@ pub struct PooledConn {
 /// One HTTP/1.1 connection, or a stream of the shared HTTP/2 one (which its own task keeps open
 /// while the stream is).
 enum Sender {
-    Http1(SendRequest<UpstreamBody>),
+    Http1(Http1Sender),
     Http2,
+}
+
+/// The sending half of an HTTP/1.1 connection.
+struct Http1Sender {
+    send: SendRequest<UpstreamBody>,
+    /// Set, to when the connection went idle, by the pool that parks it; its task then hands the
+    /// stream back to the pool instead of closing it when the sender is dropped. None for a
+    /// connection that can carry an upgrade, whose task hands the stream to the upgrade instead.
+    park: Option<Arc<OnceLock<Instant>>>,
 }
 
 impl std::fmt::Debug for PooledConn {
@@ -211,8 +232,110 @@ impl PooledConn {
 }
 
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    sender: Http1Sender,
     since: Instant,
+}
+
+/// A parked connection: the bare stream, idle since `since`.
+struct Parked {
+    stream: Box<dyn Stream>,
+    since: Instant,
+}
+
+/// A backend's idle HTTP/1.1 connections, oldest first in each list (see [`ConnPool::park`]).
+#[derive(Default)]
+struct Idles {
+    ready: VecDeque<Idle>,
+    parked: VecDeque<Parked>,
+    /// `timeouts.idle` as the last connection returned saw it, for the sweeps.
+    max_idle: Duration,
+    /// A sweeping task runs; it ends once both lists are empty.
+    sweeping: bool,
+}
+
+impl Idles {
+    /// Closes the connections idle for `max_idle` or longer. Both lists are oldest first, so the
+    /// expired ones are at the front.
+    fn expire(&mut self, now: Instant, max_idle: Duration) {
+        let expired = |since: Instant| now.saturating_duration_since(since) >= max_idle;
+        while self.ready.front().is_some_and(|e| expired(e.since)) {
+            self.ready.pop_front();
+        }
+        while self.parked.front().is_some_and(|e| expired(e.since)) {
+            self.parked.pop_front();
+        }
+    }
+
+    /// Expires, then parks the ready connections idle for `PARK_AFTER`: their senders are
+    /// dropped, and each one's task hands its stream back ([`ConnPool::park`]). Whether any idle
+    /// connection is left to sweep later.
+    fn sweep(&mut self, now: Instant) -> bool {
+        self.expire(now, self.max_idle);
+        self.ready.retain(|e| {
+            let Some(park) = &e.sender.park else {
+                return true;
+            };
+            if now.saturating_duration_since(e.since) < PARK_AFTER {
+                return true;
+            }
+            let _ = park.set(e.since);
+            false
+        });
+        !(self.ready.is_empty() && self.parked.is_empty())
+    }
+}
+
+/// An idle connection taken from the pool.
+enum Checkout {
+    Ready(Http1Sender),
+    Parked(Box<dyn Stream>),
+}
+
+/// A stream to a backend that can be parked: plain TCP or TLS over it.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The TCP socket underneath.
+    fn tcp(&self) -> &TcpStream;
+    /// Boxed for the pool's list of parked streams.
+    fn boxed(self) -> Box<dyn Stream>;
+}
+
+impl Stream for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+
+    fn boxed(self) -> Box<dyn Stream> {
+        Box::new(self)
+    }
+}
+
+impl Stream for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+
+    fn boxed(self) -> Box<dyn Stream> {
+        Box::new(self)
+    }
+}
+
+impl Stream for Box<dyn Stream> {
+    fn tcp(&self) -> &TcpStream {
+        (**self).tcp()
+    }
+
+    fn boxed(self) -> Box<dyn Stream> {
+        self
+    }
+}
+
+/// Whether a parked stream can carry a request: the backend neither closed it nor sent anything
+/// unasked while it was parked (a close, a TLS alert); nothing is read from it.
+fn still_quiet(stream: &dyn Stream) -> bool {
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    stream.tcp().poll_peek(&mut cx, &mut buf).is_pending()
 }
 
 /// Why sending a request upstream failed.
@@ -233,7 +356,7 @@ pub enum SendError {
 /// expired from the other end), and its shared HTTP/2 connection, if it speaks h2.
 pub struct ConnPool {
     address: SocketAddr,
-    idle: Mutex<VecDeque<Idle>>,
+    idle: Mutex<Idles>,
     /// Set once a TLS backend negotiated `h2`; every request but upgrades then shares it. Cleared
     /// when it closes, and by a drain.
     shared_h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
@@ -252,7 +375,7 @@ impl std::fmt::Debug for ConnPool {
 
 /// A new connection, in the protocol the backend chose.
 enum Connected {
-    Http1(SendRequest<UpstreamBody>),
+    Http1(Http1Sender),
     Http2(http2::SendRequest<UpstreamBody>),
 }
 
@@ -261,7 +384,7 @@ impl ConnPool {
     pub fn new(address: SocketAddr) -> Self {
         ConnPool {
             address,
-            idle: Mutex::new(VecDeque::new()),
+            idle: Mutex::new(Idles::default()),
             shared_h2: Mutex::new(None),
             generation: AtomicU64::new(0),
         }
@@ -272,8 +395,21 @@ impl ConnPool {
     /// whose TLS settings changed must not be reached over the old ones.
     pub fn clear(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut idle = self.lock_idle();
+        idle.ready.clear();
+        idle.parked.clear();
+        drop(idle);
         self.lock_h2().take();
+    }
+
+    /// Idle HTTP/1.1 connections: how many are ready, and how many parked.
+    pub fn idle_connections(&self) -> (usize, usize) {
+        let idle = self.lock_idle();
+        (idle.ready.len(), idle.parked.len())
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Idles> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_h2(&self) -> std::sync::MutexGuard<'_, Option<http2::SendRequest<UpstreamBody>>> {
@@ -284,17 +420,17 @@ impl ConnPool {
     /// One whose request body did not end (the backend answered early) is closed instead: the
     /// rest of that body would reach the next request. The HTTP/2 connection stays shared
     /// whatever its streams do.
-    pub fn checkin(&self, conn: PooledConn) {
+    pub fn checkin(self: &Arc<Self>, conn: PooledConn) {
         if !conn.request_done() {
             return;
         }
         let Sender::Http1(sender) = conn.sender else {
             return;
         };
-        if sender.is_closed() {
+        if sender.send.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.lock_idle();
         // Compared under the lock: `clear` moves the generation on before it takes the lock, so
         // a connection from before a `clear` can never slip in after it emptied the list.
         if conn.generation != self.generation.load(Ordering::SeqCst) {
@@ -302,35 +438,83 @@ impl ConnPool {
         }
         // One clock read for the whole list (a read per entry was two per request).
         let now = Instant::now();
-        // Entries are in return order, so the expired ones are at the front.
-        while idle
-            .front()
-            .is_some_and(|e| now.saturating_duration_since(e.since) >= conn.max_idle)
-        {
-            idle.pop_front();
+        idle.max_idle = conn.max_idle;
+        idle.expire(now, conn.max_idle);
+        if idle.ready.len() + idle.parked.len() < MAX_IDLE {
+            idle.ready.push_back(Idle { sender, since: now });
         }
-        if idle.len() < MAX_IDLE {
-            idle.push_back(Idle { sender, since: now });
+        if !idle.sweeping {
+            idle.sweeping = true;
+            drop(idle);
+            self.spawn_sweeper();
         }
     }
 
-    fn checkout(&self, max_idle: Duration) -> Option<SendRequest<UpstreamBody>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        // Entries are in return order, so once the expired ones are gone from the front, every
-        // one left is young enough.
-        while idle
-            .front()
-            .is_some_and(|e| now.saturating_duration_since(e.since) >= max_idle)
-        {
-            idle.pop_front();
+    /// A ready connection if there is one (for an `upgrade`, one that can carry it), else, for
+    /// any other request, a parked one that is still quiet.
+    fn checkout(&self, max_idle: Duration, upgrade: bool) -> Option<Checkout> {
+        let mut idle = self.lock_idle();
+        idle.expire(Instant::now(), max_idle);
+        if upgrade {
+            // Parked streams and the connections that would park are driven without hyper's
+            // upgrade support; only a connection opened for an upgrade has it.
+            while let Some(at) = idle.ready.iter().rposition(|e| e.sender.park.is_none()) {
+                let entry = idle.ready.remove(at).expect("found above");
+                if !entry.sender.send.is_closed() {
+                    return Some(Checkout::Ready(entry.sender));
+                }
+            }
+            return None;
         }
-        while let Some(entry) = idle.pop_back() {
-            if !entry.sender.is_closed() {
-                return Some(entry.sender);
+        while let Some(entry) = idle.ready.pop_back() {
+            if !entry.sender.send.is_closed() {
+                return Some(Checkout::Ready(entry.sender));
+            }
+        }
+        while let Some(entry) = idle.parked.pop_back() {
+            if still_quiet(&*entry.stream) {
+                return Some(Checkout::Parked(entry.stream));
             }
         }
         None
+    }
+
+    /// Takes back the stream of a connection parked by [`Idles::sweep`], unless a `clear` came
+    /// after it was made.
+    fn park(self: &Arc<Self>, stream: Box<dyn Stream>, since: Instant, generation: u64) {
+        let mut idle = self.lock_idle();
+        if generation != self.generation.load(Ordering::SeqCst) {
+            return;
+        }
+        // The streams one sweep parks come back in any order, but all went idle within one
+        // `SWEEP_EVERY` of each other: the list stays oldest first to within that, which can
+        // delay an expiry by as much.
+        idle.parked.push_back(Parked { stream, since });
+        // The sweep that parked it may have found both lists empty meanwhile, and stopped.
+        if !idle.sweeping {
+            idle.sweeping = true;
+            drop(idle);
+            self.spawn_sweeper();
+        }
+    }
+
+    /// Parks and expires idle connections every `SWEEP_EVERY`, even with no traffic to do it,
+    /// until there are none; holds the pool only while it sweeps.
+    fn spawn_sweeper(self: &Arc<Self>) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                let mut idle = pool.lock_idle();
+                if !idle.sweep(Instant::now()) {
+                    idle.sweeping = false;
+                    return;
+                }
+            }
+        });
     }
 
     /// The shared HTTP/2 connection, if there is one still open.
@@ -353,7 +537,7 @@ impl ConnPool {
     /// A pooled connection that turns out to be closed before the request was written is skipped,
     /// so the keep-alive race costs a reconnect rather than a failed request.
     pub async fn send(
-        &self,
+        self: &Arc<Self>,
         mut request: Request<UpstreamBody>,
         timeouts: &Timeouts,
         tls: Option<&UpstreamTls>,
@@ -390,16 +574,23 @@ impl ConnPool {
                 }
             }
         }
-        while let Some(mut sender) = self.checkout(timeouts.idle) {
+        while let Some(checkout) = self.checkout(timeouts.idle, upgrade) {
+            let mut sender = match checkout {
+                Checkout::Ready(sender) => sender,
+                Checkout::Parked(stream) => match self.handshake_http1(stream, true).await {
+                    Ok(sender) => sender,
+                    Err(_) => continue,
+                },
+            };
             // A pooled connection is ready at once or broken; never wait on one for long (and
             // build no timer in the common case where it is ready).
-            if !sender.is_ready() {
-                match tokio::time::timeout(timeouts.connect, sender.ready()).await {
+            if !sender.send.is_ready() {
+                match tokio::time::timeout(timeouts.connect, sender.send.ready()).await {
                     Ok(Ok(())) => {}
                     _ => continue,
                 }
             }
-            let sending = sender.try_send_request(request);
+            let sending = sender.send.try_send_request(request);
             match self.exchange(sending, timeouts, &upload).await {
                 Ok(response) => {
                     return Ok((
@@ -425,7 +616,7 @@ impl ConnPool {
         };
         match connected {
             Connected::Http1(mut sender) => {
-                let sending = sender.try_send_request(request);
+                let sending = sender.send.try_send_request(request);
                 let response = self.exchange(sending, timeouts, &upload).await?;
                 Ok((
                     response,
@@ -523,7 +714,7 @@ impl ConnPool {
 
     /// Connects, over TLS for an `https://` backend, in HTTP/2 when it chose `h2` by ALPN.
     async fn connect(
-        &self,
+        self: &Arc<Self>,
         limit: Duration,
         tls: Option<&UpstreamTls>,
         upgrade: bool,
@@ -532,8 +723,13 @@ impl ConnPool {
         let connecting = async {
             let stream = TcpStream::connect(backend).await?;
             stream.set_nodelay(true)?;
+            // A connection opened for an upgrade keeps hyper's upgrade support, and so never parks.
+            let parks = !upgrade;
             let Some(tls) = tls else {
-                return handshake_http1(stream).await.map(Connected::Http1);
+                return self
+                    .handshake_http1(stream, parks)
+                    .await
+                    .map(Connected::Http1);
             };
             let config = if upgrade {
                 &tls.client_http1
@@ -546,7 +742,9 @@ impl ConnPool {
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 handshake_http2(stream).await.map(Connected::Http2)
             } else {
-                handshake_http1(stream).await.map(Connected::Http1)
+                self.handshake_http1(stream, parks)
+                    .await
+                    .map(Connected::Http1)
             }
         };
         match tokio::time::timeout(limit, connecting).await {
@@ -557,19 +755,63 @@ impl ConnPool {
     }
 }
 
-async fn handshake_http1<I>(io: I) -> std::io::Result<SendRequest<UpstreamBody>>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(io))
+impl ConnPool {
+    /// Starts an HTTP/1.1 connection over `stream` (new, or parked). One that `parks` can be
+    /// parked by the pool, but cannot carry an upgrade.
+    async fn handshake_http1<I: Stream>(
+        self: &Arc<Self>,
+        stream: I,
+        parks: bool,
+    ) -> std::io::Result<Http1Sender> {
+        let (send, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        if !parks {
+            tokio::spawn(async move {
+                // Errors here surface on the request that used the connection.
+                let _ = conn.with_upgrades().await;
+            });
+            return Ok(Http1Sender { send, park: None });
+        }
+        let park = Arc::new(OnceLock::new());
+        let parked = Arc::clone(&park);
+        let pool = Arc::downgrade(self);
+        let generation = self.generation.load(Ordering::SeqCst);
+        tokio::spawn(drive_parkable(conn, parked, pool, generation));
+        Ok(Http1Sender {
+            send,
+            park: Some(park),
+        })
+    }
+}
+
+/// Runs an HTTP/1.1 connection until its sender is dropped (or it fails, or the backend closes
+/// it), then, if the pool dropped the sender to park it, hands the bare stream back; otherwise
+/// shuts the stream down, as hyper would have.
+async fn drive_parkable<I: Stream>(
+    mut conn: http1::Connection<TokioIo<I>, UpstreamBody>,
+    park: Arc<OnceLock<Instant>>,
+    pool: Weak<ConnPool>,
+    generation: u64,
+) {
+    // Errors here surface on the request that used the connection.
+    if std::future::poll_fn(|cx| conn.poll_without_shutdown(cx))
         .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(async move {
-        // Errors here surface on the request that used the connection.
-        let _ = conn.with_upgrades().await;
-    });
-    Ok(sender)
+        .is_err()
+    {
+        return;
+    }
+    let parts = conn.into_parts();
+    let mut stream = parts.io.into_inner();
+    // Unread bytes would belong to no request (nothing is in flight on a parked connection).
+    if let (Some(&since), true) = (park.get(), parts.read_buf.is_empty()) {
+        if let Some(pool) = pool.upgrade() {
+            pool.park(stream.boxed(), since, generation);
+            return;
+        }
+    }
+    let _ = stream.shutdown().await;
 }
 
 async fn handshake_http2<I>(io: I) -> std::io::Result<http2::SendRequest<UpstreamBody>>

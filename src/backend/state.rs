@@ -67,7 +67,7 @@ pub struct BackendState {
     /// The drain under way, if any.
     drain: Mutex<Option<Drain>>,
     /// Idle keep-alive connections to this backend.
-    pub pool: ConnPool,
+    pub pool: Arc<ConnPool>,
     /// Active and passive health, and slow start.
     pub health: HealthState,
 }
@@ -86,7 +86,7 @@ impl BackendState {
             cut: watch::channel(false).0,
             upgraded_cut: AtomicU64::new(0),
             drain: Mutex::new(None),
-            pool: ConnPool::new(address),
+            pool: Arc::new(ConnPool::new(address)),
             health: HealthState::default(),
         })
     }
