@@ -2,7 +2,7 @@
 """Resident memory per idle keep-alive client connection: switchyard, nginx and HAProxy, each with
 one worker in front of the same backend, each holding the same N idle client connections.
 
-    benches/idle_memory.py [--connections 10000] [--backend ADDR]
+    benches/idle_memory.py [--connections 10000] [--settle 5] [--binary PATH]
 
 Each proxy is started on 127.0.0.1, N connections are opened to it, each sends one GET and reads the
 answer (at most 100 requests in flight, so every proxy keeps a similar small upstream pool), and the
@@ -96,7 +96,7 @@ def hold(port, n):
         return list(pool.map(one, range(n)))
 
 
-def measure(name, argv, port, n, tmp):
+def measure(name, argv, port, n, tmp, settle):
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{name}.log"), "w"),
                             start_new_session=True)
     try:
@@ -105,7 +105,7 @@ def measure(name, argv, port, n, tmp):
         time.sleep(1)
         base = rss_kib(proc.pid)
         conns = hold(port, n)
-        time.sleep(2)
+        time.sleep(settle)
         full = rss_kib(proc.pid)
         alive = sum(1 for s in conns if still_open(s))
         for s in conns + warm:
@@ -125,6 +125,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=10000)
     ap.add_argument("--base-port", type=int, default=18300)
+    ap.add_argument("--settle", type=float, default=5.0,
+                    help="seconds between the last connection's answer and the measurement: switchyard "
+                         "parks idle upstream connections after 1 s and mimalloc returns freed pages "
+                         "1 s after that, nginx and HAProxy need none")
     ap.add_argument("--binary", default=os.path.join(REPO, "target/release/switchyard"),
                     help="the switchyard binary to measure")
     args = ap.parse_args()
@@ -214,7 +218,7 @@ backend b
         print("| proxy | RSS with 1 conn (MiB) | RSS with N (MiB) | KiB per idle connection | still open |")
         print("|---|---:|---:|---:|---:|")
         for name, argv, port in contenders:
-            base, full, alive = measure(name, argv, port, n, tmp)
+            base, full, alive = measure(name, argv, port, n, tmp, args.settle)
             print(f"| {name} | {base / 1024:.1f} | {full / 1024:.1f} | {(full - base) / n:.2f} | {alive} |",
                   flush=True)
     finally:

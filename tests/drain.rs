@@ -869,6 +869,26 @@ async fn drain_closes_the_backends_idle_pooled_connections_at_once() {
     .await;
 }
 
+/// A connection parked in the pool (idle for a second) is closed by a drain as a ready one is.
+#[tokio::test]
+async fn drain_closes_the_backends_parked_connections_too() {
+    let (backend, open, _task) = counting_backend().await;
+    let run = Running::start("round_robin", &[(backend, 1)], "drain_timeout = \"30s\"").await;
+    assert_eq!(get(run.proxy, "/", &[]).await.status, 200);
+    let state = run.server.shared().registry.get(backend).unwrap();
+    wait_until("the idle connection is parked", || {
+        state.pool.idle_connections() == (0, 1)
+    })
+    .await;
+    assert_eq!(open.load(Ordering::SeqCst), 1);
+    assert_eq!(run.runtime(backend, "drain", "").await.0, 202);
+    wait_until("the backend sees the parked connection closed", || {
+        open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    assert_eq!(state.pool.idle_connections(), (0, 0));
+}
+
 #[tokio::test]
 async fn runtime_drained_backend_stays_drained_across_an_unrelated_reload() {
     let apps = apps(2).await;

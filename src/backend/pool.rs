@@ -3,18 +3,21 @@
 //! the backend's live state, so a reload keeps them and a drain can close them.
 //!
 //! An HTTP/1.1 connection idle in the pool for `PARK_AFTER` is parked: hyper's connection over it
-//! ends, with its read and write buffers (about 30 KiB), and the pool keeps the bare stream. The
-//! next request that needs it starts a new hyper connection over the stream. nginx and HAProxy
-//! likewise hold no buffers for an idle upstream keep-alive connection. Only a burst leaves many
-//! connections idle, and the next burst reuses the warm ones first (the list is LIFO).
+//! ends, with its read and write buffers and its task (about 30 KiB), and the pool keeps the
+//! stream: the socket, and over TLS rustls's session. The next request that needs it starts a new
+//! hyper connection over the stream. nginx and HAProxy likewise hold no buffers for an idle
+//! upstream keep-alive connection. Only a burst leaves many connections idle, and the next burst
+//! reuses the warm ones first (the lists are LIFO). A sweep every `SWEEP_EVERY` parks, closes
+//! parked streams the backend closed or wrote to, and expires connections idle for
+//! `timeouts.idle`, with or without traffic.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -28,6 +31,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+// tokio's clock, as `Upload`'s: a paused test clock governs idle times too.
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Timeouts, UpstreamTls};
@@ -194,8 +199,8 @@ pub struct PooledConn {
     sender: Sender,
     upload: Option<Arc<Upload>>,
     max_idle: Duration,
-    /// The pool's generation when the connection was made: one made before a `clear` never
-    /// comes back.
+    /// The pool's generation when the request started (the connection's, since the lists hold
+    /// only the current generation's): one from before a `clear` never comes back.
     generation: u64,
 }
 
@@ -236,10 +241,19 @@ struct Idle {
     since: Instant,
 }
 
-/// A parked connection: the bare stream, idle since `since`.
+/// A parked connection: the stream, idle since `since`.
 struct Parked {
     stream: Box<dyn Stream>,
     since: Instant,
+}
+
+/// Ends parked streams as hyper ends a connection: over TLS a close_notify first (one attempt,
+/// not waited for), then the TCP close. Called with the pool's lock released.
+fn close_parked(closing: Vec<Parked>) {
+    let mut cx = Context::from_waker(Waker::noop());
+    for mut parked in closing {
+        let _ = Pin::new(&mut parked.stream).poll_shutdown(&mut cx);
+    }
 }
 
 /// A backend's idle HTTP/1.1 connections, oldest first in each list (see [`ConnPool::park`]).
@@ -247,30 +261,41 @@ struct Parked {
 struct Idles {
     ready: VecDeque<Idle>,
     parked: VecDeque<Parked>,
-    /// `timeouts.idle` as the last connection returned saw it, for the sweeps.
+    /// `timeouts.idle` as the pool's last user saw it, for the sweeps.
     max_idle: Duration,
     /// A sweeping task runs; it ends once both lists are empty.
     sweeping: bool,
 }
 
 impl Idles {
-    /// Closes the connections idle for `max_idle` or longer. Both lists are oldest first, so the
-    /// expired ones are at the front.
-    fn expire(&mut self, now: Instant, max_idle: Duration) {
+    /// Drops the connections idle for `max_idle` or longer (a ready one's task then shuts it
+    /// down); parked ones go to `closing`. Both lists are oldest first (see [`ConnPool::park`]),
+    /// so the expired ones are at the front.
+    fn expire(&mut self, now: Instant, max_idle: Duration, closing: &mut Vec<Parked>) {
         let expired = |since: Instant| now.saturating_duration_since(since) >= max_idle;
         while self.ready.front().is_some_and(|e| expired(e.since)) {
             self.ready.pop_front();
         }
         while self.parked.front().is_some_and(|e| expired(e.since)) {
-            self.parked.pop_front();
+            closing.extend(self.parked.pop_front());
         }
     }
 
-    /// Expires, then parks the ready connections idle for `PARK_AFTER`: their senders are
-    /// dropped, and each one's task hands its stream back ([`ConnPool::park`]). Whether any idle
-    /// connection is left to sweep later.
-    fn sweep(&mut self, now: Instant) -> bool {
-        self.expire(now, self.max_idle);
+    /// Expires; moves the parked streams the backend closed or wrote to into `closing` (as hyper
+    /// closes a ready connection whose backend closed it); parks the ready connections idle for
+    /// `PARK_AFTER`: their senders are dropped, and each one's task hands its stream back
+    /// ([`ConnPool::park`]). Whether any idle connection is left to sweep later.
+    fn sweep(&mut self, now: Instant, closing: &mut Vec<Parked>) -> bool {
+        self.expire(now, self.max_idle, closing);
+        let mut kept = VecDeque::with_capacity(self.parked.len());
+        for parked in self.parked.drain(..) {
+            if still_quiet(&*parked.stream) {
+                kept.push_back(parked);
+            } else {
+                closing.push(parked);
+            }
+        }
+        self.parked = kept;
         self.ready.retain(|e| {
             let Some(park) = &e.sender.park else {
                 return true;
@@ -394,11 +419,14 @@ impl ConnPool {
     /// last request ends): a draining backend gets no new work to reuse them for, and a backend
     /// whose TLS settings changed must not be reached over the old ones.
     pub fn clear(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
         let mut idle = self.lock_idle();
+        // Moved on under the lock, so that a request that read the new generation finds the
+        // lists already empty.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         idle.ready.clear();
-        idle.parked.clear();
+        let closing: Vec<Parked> = idle.parked.drain(..).collect();
         drop(idle);
+        close_parked(closing);
         self.lock_h2().take();
     }
 
@@ -431,21 +459,23 @@ impl ConnPool {
             return;
         }
         let mut idle = self.lock_idle();
-        // Compared under the lock: `clear` moves the generation on before it takes the lock, so
-        // a connection from before a `clear` can never slip in after it emptied the list.
+        // Compared under the lock, which `clear` holds while it moves the generation on and
+        // empties the lists: a connection from before a `clear` never slips in after it.
         if conn.generation != self.generation.load(Ordering::SeqCst) {
             return;
         }
         // One clock read for the whole list (a read per entry was two per request).
         let now = Instant::now();
         idle.max_idle = conn.max_idle;
-        idle.expire(now, conn.max_idle);
+        let mut closing = Vec::new();
+        idle.expire(now, conn.max_idle, &mut closing);
         if idle.ready.len() + idle.parked.len() < MAX_IDLE {
             idle.ready.push_back(Idle { sender, since: now });
         }
-        if !idle.sweeping {
-            idle.sweeping = true;
-            drop(idle);
+        let start_sweeping = !std::mem::replace(&mut idle.sweeping, true);
+        drop(idle);
+        close_parked(closing);
+        if start_sweeping {
             self.spawn_sweeper();
         }
     }
@@ -453,30 +483,42 @@ impl ConnPool {
     /// A ready connection if there is one (for an `upgrade`, one that can carry it), else, for
     /// any other request, a parked one that is still quiet.
     fn checkout(&self, max_idle: Duration, upgrade: bool) -> Option<Checkout> {
+        let mut closing = Vec::new();
         let mut idle = self.lock_idle();
-        idle.expire(Instant::now(), max_idle);
-        if upgrade {
-            // Parked streams and the connections that would park are driven without hyper's
-            // upgrade support; only a connection opened for an upgrade has it.
-            while let Some(at) = idle.ready.iter().rposition(|e| e.sender.park.is_none()) {
-                let entry = idle.ready.remove(at).expect("found above");
+        let now = Instant::now();
+        idle.max_idle = max_idle;
+        idle.expire(now, max_idle, &mut closing);
+        let found = 'found: {
+            if upgrade {
+                // Parked streams and the connections that would park are driven without hyper's
+                // upgrade support; only a connection opened for an upgrade has it.
+                while let Some(at) = idle.ready.iter().rposition(|e| e.sender.park.is_none()) {
+                    let entry = idle.ready.remove(at).expect("found above");
+                    if !entry.sender.send.is_closed() {
+                        break 'found Some(Checkout::Ready(entry.sender));
+                    }
+                }
+                break 'found None;
+            }
+            while let Some(entry) = idle.ready.pop_back() {
                 if !entry.sender.send.is_closed() {
-                    return Some(Checkout::Ready(entry.sender));
+                    break 'found Some(Checkout::Ready(entry.sender));
                 }
             }
-            return None;
-        }
-        while let Some(entry) = idle.ready.pop_back() {
-            if !entry.sender.send.is_closed() {
-                return Some(Checkout::Ready(entry.sender));
+            while let Some(entry) = idle.parked.pop_back() {
+                // The list is oldest first only to within a sweep, so the age is checked here
+                // too.
+                let young = now.saturating_duration_since(entry.since) < max_idle;
+                if young && still_quiet(&*entry.stream) {
+                    break 'found Some(Checkout::Parked(entry.stream));
+                }
+                closing.push(entry);
             }
-        }
-        while let Some(entry) = idle.parked.pop_back() {
-            if still_quiet(&*entry.stream) {
-                return Some(Checkout::Parked(entry.stream));
-            }
-        }
-        None
+            None
+        };
+        drop(idle);
+        close_parked(closing);
+        found
     }
 
     /// Takes back the stream of a connection parked by [`Idles::sweep`], unless a `clear` came
@@ -491,9 +533,9 @@ impl ConnPool {
         // delay an expiry by as much.
         idle.parked.push_back(Parked { stream, since });
         // The sweep that parked it may have found both lists empty meanwhile, and stopped.
-        if !idle.sweeping {
-            idle.sweeping = true;
-            drop(idle);
+        let start_sweeping = !std::mem::replace(&mut idle.sweeping, true);
+        drop(idle);
+        if start_sweeping {
             self.spawn_sweeper();
         }
     }
@@ -508,9 +550,15 @@ impl ConnPool {
                 let Some(pool) = pool.upgrade() else {
                     return;
                 };
+                let mut closing = Vec::new();
                 let mut idle = pool.lock_idle();
-                if !idle.sweep(Instant::now()) {
+                let more = idle.sweep(Instant::now(), &mut closing);
+                if !more {
                     idle.sweeping = false;
+                }
+                drop(idle);
+                close_parked(closing);
+                if !more {
                     return;
                 }
             }
@@ -575,16 +623,20 @@ impl ConnPool {
             }
         }
         while let Some(checkout) = self.checkout(timeouts.idle, upgrade) {
-            let mut sender = match checkout {
-                Checkout::Ready(sender) => sender,
-                Checkout::Parked(stream) => match self.handshake_http1(stream, true).await {
-                    Ok(sender) => sender,
-                    Err(_) => continue,
-                },
+            let (mut sender, fresh) = match checkout {
+                Checkout::Ready(sender) => (sender, false),
+                Checkout::Parked(stream) => {
+                    match self.handshake_http1(stream, true, generation).await {
+                        Ok(sender) => (sender, true),
+                        Err(_) => continue,
+                    }
+                }
             };
             // A pooled connection is ready at once or broken; never wait on one for long (and
-            // build no timer in the common case where it is ready).
-            if !sender.send.is_ready() {
+            // build no timer in the common case where it is ready). A connection just started
+            // over a parked stream takes the request as a new one does: a stream that turns out
+            // closed gives it back unsent.
+            if !fresh && !sender.send.is_ready() {
                 match tokio::time::timeout(timeouts.connect, sender.send.ready()).await {
                     Ok(Ok(())) => {}
                     _ => continue,
@@ -605,7 +657,8 @@ impl ConnPool {
         // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is the largest state this future
         // can be in, and the rarest, so it is kept out of the request's future, which is moved
         // into a box for every request (see `handle`).
-        let connected = match Box::pin(self.connect(timeouts.connect, tls, upgrade)).await {
+        let connecting = self.connect(timeouts.connect, tls, upgrade, generation);
+        let connected = match Box::pin(connecting).await {
             Ok(connected) => connected,
             Err(error) => {
                 return Err(SendError::NotSent {
@@ -718,6 +771,7 @@ impl ConnPool {
         limit: Duration,
         tls: Option<&UpstreamTls>,
         upgrade: bool,
+        generation: u64,
     ) -> Result<Connected, ProxyError> {
         let backend = self.address;
         let connecting = async {
@@ -727,7 +781,7 @@ impl ConnPool {
             let parks = !upgrade;
             let Some(tls) = tls else {
                 return self
-                    .handshake_http1(stream, parks)
+                    .handshake_http1(stream, parks, generation)
                     .await
                     .map(Connected::Http1);
             };
@@ -742,7 +796,7 @@ impl ConnPool {
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 handshake_http2(stream).await.map(Connected::Http2)
             } else {
-                self.handshake_http1(stream, parks)
+                self.handshake_http1(stream, parks, generation)
                     .await
                     .map(Connected::Http1)
             }
@@ -756,12 +810,14 @@ impl ConnPool {
 }
 
 impl ConnPool {
-    /// Starts an HTTP/1.1 connection over `stream` (new, or parked). One that `parks` can be
-    /// parked by the pool, but cannot carry an upgrade.
+    /// Starts an HTTP/1.1 connection over `stream` (new, or parked) for a request that started
+    /// in the pool's `generation`. One that `parks` can be parked by the pool, but cannot carry
+    /// an upgrade.
     async fn handshake_http1<I: Stream>(
         self: &Arc<Self>,
         stream: I,
         parks: bool,
+        generation: u64,
     ) -> std::io::Result<Http1Sender> {
         let (send, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -777,7 +833,6 @@ impl ConnPool {
         let park = Arc::new(OnceLock::new());
         let parked = Arc::clone(&park);
         let pool = Arc::downgrade(self);
-        let generation = self.generation.load(Ordering::SeqCst);
         tokio::spawn(drive_parkable(conn, parked, pool, generation));
         Ok(Http1Sender {
             send,

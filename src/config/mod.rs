@@ -497,7 +497,7 @@ pub struct Timeouts {
     /// `client_header` (default 10s): for a client to send a request's headers.
     pub client_header: Duration,
     /// `idle` (default 60s): a client connection that moved no byte for this long, with no request
-    /// waiting on a backend, is closed; a pooled upstream connection idle this long is not reused.
+    /// waiting on a backend, is closed; so is a pooled upstream connection idle this long.
     pub idle: Duration,
     /// `shutdown` (default 30s): how long SIGINT/SIGTERM waits for in-flight requests.
     pub shutdown: Duration,
