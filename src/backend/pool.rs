@@ -299,15 +299,11 @@ impl Idles {
     /// ([`ConnPool::park`]). Whether any idle connection is left to sweep later.
     fn sweep(&mut self, now: Instant, closing: &mut Vec<Parked>) -> bool {
         self.expire(now, self.max_idle, closing);
-        let mut kept = VecDeque::with_capacity(self.parked.len());
-        for parked in self.parked.drain(..) {
-            if still_quiet(&*parked.stream) {
-                kept.push_back(parked);
-            } else {
-                closing.push(parked);
+        for at in (0..self.parked.len()).rev() {
+            if !still_quiet(&*self.parked[at].stream) {
+                closing.extend(self.parked.remove(at));
             }
         }
-        self.parked = kept;
         self.ready.retain(|e| {
             let Some(park) = &e.sender.park else {
                 return true;
@@ -371,7 +367,7 @@ impl Stream for Box<dyn Stream> {
 fn still_quiet(stream: &dyn Stream) -> bool {
     let mut byte = [0u8; 1];
     let mut buf = ReadBuf::new(&mut byte);
-    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut cx = Context::from_waker(Waker::noop());
     stream.tcp().poll_peek(&mut cx, &mut buf).is_pending()
 }
 
@@ -819,9 +815,7 @@ impl ConnPool {
             Ok(Ok(connected)) => Ok(connected),
         }
     }
-}
 
-impl ConnPool {
     /// Starts an HTTP/1.1 connection over `stream` (new, or parked) for a request that started
     /// in the pool's `generation`. One that `parks` can be parked by the pool, but cannot carry
     /// an upgrade.
