@@ -153,6 +153,15 @@ impl Verdicts {
         }
     }
 
+    /// Frees the queue of verdicts, empty on a connection between requests, for a connection
+    /// that waits long: a queue keeps its buffer when emptied.
+    fn release(&self) {
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        if heads.is_empty() {
+            *heads = VecDeque::new();
+        }
+    }
+
     /// Counts one response hyper has finished with: written whole into its buffer, or dropped.
     fn answer(&self) {
         // Read only by the connection's own task, which is also where HTTP/1 bodies are dropped
@@ -311,6 +320,87 @@ impl<T> CheckedIo<T> {
     pub fn close_is_shutdown(mut self) -> Self {
         self.close_is_shutdown = true;
         self
+    }
+}
+
+/// What a parked connection's [`CheckedIo`] keeps while its stream sleeps without a task (see
+/// [`CheckedIo::into_dormant`]): a parked connection has nothing in hand, so its limits, its
+/// verdicts and the deadline of its next head are all there is.
+#[derive(Debug)]
+pub(crate) struct Dormancy {
+    limits: HeadLimits,
+    verdicts: Arc<Verdicts>,
+    heads: u64,
+    client_header: Duration,
+    close_is_shutdown: bool,
+    /// When the next head must be whole: `client_header` after the last answer.
+    head_deadline: tokio::time::Instant,
+}
+
+impl Dormancy {
+    /// When the next head must be whole; a connection still silent then is closed.
+    pub(crate) fn head_deadline(&self) -> tokio::time::Instant {
+        self.head_deadline
+    }
+}
+
+impl<T> CheckedIo<T> {
+    /// Whether the connection has parked (see [`parks_when_idle`](Self::parks_when_idle)) and
+    /// has nothing in hand: no byte of a next head, nothing queued, every head answered.
+    pub(crate) fn can_sleep(&self) -> bool {
+        self.parks
+            && self.scanner.heads > 0
+            && self.clock.timing == Timing::Head
+            && self.clock.sleep.is_some()
+            && self.scanner.head.bytes.is_empty()
+            && self.scanner.held.is_empty()
+            && self.scanner.idle()
+    }
+
+    /// Takes a connection that [can sleep](Self::can_sleep) apart into its stream and what
+    /// [`resume`](Self::resume) needs to check its next head; `None` (and the connection dropped)
+    /// if it cannot sleep, which its caller has checked.
+    pub(crate) fn into_dormant(self) -> Option<(T, Dormancy)> {
+        if !self.can_sleep() {
+            return None;
+        }
+        let head_deadline = self.clock.sleep.as_ref()?.deadline();
+        let CheckedIo {
+            inner,
+            scanner,
+            client_header,
+            close_is_shutdown,
+            ..
+        } = self;
+        scanner.verdicts.release();
+        let dormancy = Dormancy {
+            limits: scanner.limits,
+            verdicts: scanner.verdicts,
+            heads: scanner.heads,
+            client_header,
+            close_is_shutdown,
+            head_deadline,
+        };
+        Some((inner, dormancy))
+    }
+
+    /// A dormant connection woken: waits for its next head as it did when it went dormant, by
+    /// the same deadline.
+    pub(crate) fn resume(inner: T, dormancy: Dormancy) -> Self {
+        let mut scanner = Scanner::new(dormancy.limits, dormancy.verdicts);
+        scanner.heads = dormancy.heads;
+        CheckedIo {
+            inner,
+            scanner,
+            clock: Clock {
+                sleep: Some(Box::pin(tokio::time::sleep_until(dormancy.head_deadline))),
+                timing: Timing::Head,
+            },
+            client_header: dormancy.client_header,
+            close_is_shutdown: dormancy.close_is_shutdown,
+            parks: true,
+            unflushed: false,
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! Client-connection idleness: a byte counter on the socket and a count of requests waiting for
 //! their response headers. A connection that moved no byte for a whole `timeouts.idle` period while
 //! no request waited on a backend is idle, and is closed gracefully (HTTP/2 gets a GOAWAY).
-//! [`Watched`] is the connection's task: it applies that check and the server's stop.
+//! [`Watched`] is the connection's task: it applies that check and the server's stop, and puts a
+//! parked plain-TCP connection to sleep without a task ([`super::dormant`]).
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,10 +17,14 @@ use hyper::body::{Body, Incoming};
 use hyper::service::HttpService;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::serving::{ServeError, Serving};
+use super::dormant::{Dormant, Sleeper};
+use super::framing::{CheckedIo, Dormancy};
+use super::serving::{Builders, Resting, ServeError, Serving};
+use super::GaugeGuard;
 use crate::proxy::ConnInfo;
 
 /// How many times per `timeouts.idle` period a client connection is checked for idleness.
@@ -133,6 +139,34 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
     }
 }
 
+/// A client connection's stream, as far as going dormant goes.
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether a parked connection over it can sleep without its task: a plain TCP stream can;
+    /// a TLS session stays with its task, whose stream type holds it.
+    const CAN_SLEEP: bool;
+
+    /// The socket, out of tokio's reactor, and its byte counter; called only when `CAN_SLEEP`.
+    fn into_socket(self) -> io::Result<(std::net::TcpStream, Arc<Activity>)>;
+}
+
+impl ClientStream for CountingIo<TcpStream> {
+    const CAN_SLEEP: bool = true;
+
+    fn into_socket(self) -> io::Result<(std::net::TcpStream, Arc<Activity>)> {
+        Ok((self.inner.into_std()?, self.activity))
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<CountingIo<TcpStream>> {
+    const CAN_SLEEP: bool = false;
+
+    fn into_socket(self) -> io::Result<(std::net::TcpStream, Arc<Activity>)> {
+        Err(io::Error::other(
+            "a TLS connection does not sleep without its task",
+        ))
+    }
+}
+
 pin_project! {
     /// A client connection's task: serves it until it ends, closes it gracefully once it has been
     /// idle for `idle`, drops it if it still has not finished `idle` after that, and closes it
@@ -173,7 +207,10 @@ pin_project! {
         // (several per request) only reads `stopped` and whether the sleep has elapsed.
         stop_armed: bool,
         idle_armed: bool,
-        _held: G,
+        // Taken when the connection goes dormant, and held by its sleeper.
+        held: Option<G>,
+        // Where a parked connection goes to sleep without this task (plain TCP only).
+        dormant: Option<Arc<Dormant>>,
     }
 }
 
@@ -184,7 +221,9 @@ where
 {
     /// Watches `serving`, whose bytes and waiting requests `activity` counts, over the client
     /// connection `info`; `stop` closes it gracefully, and `stopped` is set just before it is
-    /// cancelled.
+    /// cancelled. Once parked, a connection over a stream that [can sleep](ClientStream) goes to
+    /// `dormant`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         serving: Serving<I, S>,
         activity: Arc<Activity>,
@@ -193,6 +232,7 @@ where
         stop: CancellationToken,
         stopped: Arc<AtomicBool>,
         held: G,
+        dormant: Option<Arc<Dormant>>,
     ) -> Self {
         Watched {
             serving,
@@ -208,7 +248,8 @@ where
             hard_closing: false,
             stop_armed: false,
             idle_armed: false,
-            _held: held,
+            held: Some(held),
+            dormant,
         }
     }
 }
@@ -220,7 +261,8 @@ fn check_period(idle: Duration) -> Duration {
 
 impl<I, S, G> Future for Watched<I, S, G>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: ClientStream,
+    G: Send + 'static,
     S: HttpService<Incoming> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<ServeError>,
@@ -249,6 +291,15 @@ where
                     continue;
                 }
                 *this.stop_armed = true;
+            }
+            if I::CAN_SLEEP && !*this.closing && this.serving.can_sleep() {
+                if let Some(dormant) = this.dormant.as_ref() {
+                    let held = this.held.take();
+                    if let (Some(resting), Some(held)) = (this.serving.take_resting(), held) {
+                        fall_asleep(resting, held, this.info, *this.idle, dormant);
+                    }
+                    return Poll::Ready(());
+                }
             }
             if *this.closing && !*this.hard_closing {
                 return Poll::Pending;
@@ -297,5 +348,132 @@ where
                 this.serving.graceful_shutdown();
             }
         }
+    }
+}
+
+/// Puts a parked connection to sleep in `dormant`; its task ends. It is closed instead if it
+/// cannot sleep: its socket cannot leave tokio's reactor, or the server is stopping (which closes
+/// parked connections).
+fn fall_asleep<I, S, G>(
+    resting: Resting<I, S>,
+    held: G,
+    info: &Arc<ConnInfo>,
+    idle: Duration,
+    dormant: &Arc<Dormant>,
+) where
+    I: ClientStream,
+    G: Send + 'static,
+    S: HttpService<Incoming> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<ServeError>,
+    S::ResBody: Send + 'static,
+    <S::ResBody as Body>::Data: Send,
+    <S::ResBody as Body>::Error: Into<ServeError>,
+{
+    let Resting {
+        io,
+        service,
+        builders,
+        idle: idle_gauge,
+        counted_idle,
+    } = resting;
+    let Some((stream, dormancy)) = io.into_dormant() else {
+        return;
+    };
+    let (socket, activity) = match stream.into_socket() {
+        Ok(socket) => socket,
+        Err(error) => {
+            let peer = info.peer;
+            tracing::debug!(%peer, %error, "a parked connection could not go dormant; closing it");
+            return;
+        }
+    };
+    // The idle check's `idle` counts from the last byte moved, which was just before the park.
+    let deadline = dormancy.head_deadline().min(Instant::now() + idle);
+    let asleep = Box::new(Asleep {
+        socket,
+        activity,
+        dormancy,
+        service,
+        builders,
+        idle_gauge,
+        counted_idle,
+        info: Arc::clone(info),
+        idle,
+        held,
+    });
+    // Refused once the server stopped: dropped, the connection closes.
+    let _ = dormant.sleep(asleep, deadline);
+}
+
+/// A dormant connection: a plain TCP socket out of tokio's reactor and what its task needs to
+/// serve it again.
+struct Asleep<S, G> {
+    socket: std::net::TcpStream,
+    activity: Arc<Activity>,
+    dormancy: Dormancy,
+    service: S,
+    builders: Arc<Builders>,
+    idle_gauge: Option<prometheus::IntGauge>,
+    counted_idle: Option<GaugeGuard>,
+    info: Arc<ConnInfo>,
+    idle: Duration,
+    held: G,
+}
+
+impl<S, G> Sleeper for Asleep<S, G>
+where
+    G: Send + 'static,
+    S: HttpService<Incoming> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<ServeError>,
+    S::ResBody: Send + 'static,
+    <S::ResBody as Body>::Data: Send,
+    <S::ResBody as Body>::Error: Into<ServeError>,
+{
+    fn socket(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    fn wake(self: Box<Self>, dormant: &Arc<Dormant>) {
+        let Asleep {
+            socket,
+            activity,
+            dormancy,
+            service,
+            builders,
+            idle_gauge,
+            counted_idle,
+            info,
+            idle,
+            held,
+        } = *self;
+        let stream = match TcpStream::from_std(socket) {
+            Ok(stream) => stream,
+            Err(error) => {
+                let peer = info.peer;
+                tracing::debug!(%peer, %error, "a dormant connection could not wake; closing it");
+                return;
+            }
+        };
+        let io = CheckedIo::resume(CountingIo::new(stream, Arc::clone(&activity)), dormancy);
+        let serving = Serving::from_resting(Resting {
+            io,
+            service,
+            builders,
+            idle: idle_gauge,
+            counted_idle,
+        });
+        let watched = Watched::new(
+            serving,
+            activity,
+            info,
+            idle,
+            dormant.stop.clone(),
+            Arc::clone(&dormant.stopped),
+            held,
+            Some(Arc::clone(dormant)),
+        );
+        dormant.tracker.spawn(watched);
     }
 }

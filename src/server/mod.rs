@@ -19,7 +19,6 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::IntGauge;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
@@ -34,12 +33,14 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, ConnInfo, HttpsRedirect};
 use crate::state::Shared;
 
+mod dormant;
 pub mod framing;
 mod idle;
 mod serving;
 
+use dormant::Dormant;
 use framing::{Answered, CheckedIo, HeadLimits, Verdict, Verdicts};
-use idle::{Activity, CountingIo, Watched};
+use idle::{Activity, ClientStream, CountingIo, Watched};
 use serving::{Builders, Serving};
 
 /// Connections the kernel queues for `accept` (capped by `net.core.somaxconn`). std and mio use
@@ -117,6 +118,8 @@ pub struct Server {
     pub(crate) discovery: Discovery,
     /// hyper's servers for the values connections last started with (see `Server::builders`).
     builders: ArcSwapOption<CachedBuilders>,
+    /// Parked plain-TCP client connections, waiting without tasks.
+    dormant: Arc<Dormant>,
 }
 
 /// What a client connection is served with, taken from the snapshot when it was accepted.
@@ -159,17 +162,24 @@ impl Server {
         for pool in config.generated_secrets() {
             crate::reload::warn_generated_secret(&pool);
         }
+        let shutdown = CancellationToken::new();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let connections = TaskTracker::new();
+        let (dormant, watch_dormant) =
+            Dormant::new(connections.clone(), shutdown.clone(), Arc::clone(&stopped))?;
+        connections.spawn(watch_dormant);
         let server = Arc::new(Server {
             shared: Shared::new(config),
             listeners: Mutex::new(BTreeMap::new()),
-            shutdown: CancellationToken::new(),
-            stopped: Arc::new(AtomicBool::new(false)),
-            connections: TaskTracker::new(),
+            shutdown,
+            stopped,
+            connections,
             reload_lock: tokio::sync::Mutex::new(()),
             file_reload_lock: tokio::sync::Mutex::new(()),
             health_checks: Checks::default(),
             discovery: Discovery::default(),
             builders: ArcSwapOption::empty(),
+            dormant,
         });
         server.metrics().loaded();
         tokio::spawn(timer_floor(server.shutdown_token()));
@@ -213,6 +223,12 @@ impl Server {
     /// Cancelled when the server shuts down.
     pub(crate) fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Parked plain-TCP client connections waiting for their next request without a task of
+    /// their own (all of them are also counted in `switchyard_downstream_idle_connections`).
+    pub fn dormant_connections(&self) -> usize {
+        self.dormant.len()
     }
 
     /// The bound address of each proxy listener, in the config's order (useful with port 0).
@@ -487,7 +503,7 @@ impl Server {
         counted: Counted,
     ) -> impl Future<Output = ()> + Send
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: ClientStream,
     {
         let ConnSettings {
             client_header,
@@ -552,6 +568,7 @@ impl Server {
             self.shutdown.clone(),
             Arc::clone(&self.stopped),
             counted,
+            Some(Arc::clone(&self.dormant)),
         )
     }
 

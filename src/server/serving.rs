@@ -49,6 +49,23 @@ where
     verdicts: Arc<Verdicts>,
     /// Counts the listener's parked connections.
     idle: Option<IntGauge>,
+    /// Woken from dormancy and not served since: its socket's readiness is yet to reach tokio,
+    /// so that it would look as idle as when it went to sleep.
+    woken: bool,
+}
+
+/// A parked connection taken out of its [`Serving`], to wait without a task.
+pub(crate) struct Resting<I, S> {
+    /// Its checked stream, waiting for the next head.
+    pub(crate) io: CheckedIo<I>,
+    /// Its service (which holds the connection's verdicts and activity).
+    pub(crate) service: S,
+    /// What serves its next head.
+    pub(crate) builders: Arc<Builders>,
+    /// The listener's gauge of parked connections.
+    pub(crate) idle: Option<IntGauge>,
+    /// Its count in that gauge.
+    pub(crate) counted_idle: Option<GaugeGuard>,
 }
 
 /// hyper's HTTP/1 connection over a checked client stream.
@@ -101,11 +118,57 @@ where
         Serving {
             verdicts: Arc::clone(io.verdicts()),
             idle,
+            woken: false,
             state: State::Opening {
                 io,
                 service,
                 builders,
                 _idle: None,
+            },
+        }
+    }
+
+    /// Whether the connection parked and waits for its next head with nothing in hand, so that
+    /// it can [rest](Self::take_resting) without its task.
+    pub(crate) fn can_sleep(&self) -> bool {
+        !self.woken && matches!(&self.state, State::Opening { io, .. } if io.can_sleep())
+    }
+
+    /// Takes apart a connection that [can sleep](Self::can_sleep); `None` (and the connection
+    /// unchanged) otherwise.
+    pub(crate) fn take_resting(&mut self) -> Option<Resting<I, S>> {
+        if !self.can_sleep() {
+            return None;
+        }
+        let State::Opening {
+            io,
+            service,
+            builders,
+            _idle,
+        } = std::mem::replace(&mut self.state, State::Done)
+        else {
+            unreachable!("checked by can_sleep");
+        };
+        Some(Resting {
+            io,
+            service,
+            builders,
+            idle: self.idle.take(),
+            counted_idle: _idle,
+        })
+    }
+
+    /// A resting connection served again: it waits for its next head.
+    pub(crate) fn from_resting(resting: Resting<I, S>) -> Self {
+        Serving {
+            verdicts: Arc::clone(resting.io.verdicts()),
+            idle: resting.idle,
+            woken: true,
+            state: State::Opening {
+                io: resting.io,
+                service: resting.service,
+                builders: resting.builders,
+                _idle: resting.counted_idle,
             },
         }
     }
@@ -173,6 +236,7 @@ where
                         unreachable!("matched above");
                     };
                     let io = TokioIo::new(io);
+                    this.woken = false;
                     this.state = match opening {
                         Opening::Http1 => State::Http1(
                             Box::new(builders.http1.serve_connection(io, service).with_upgrades()),
