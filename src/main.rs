@@ -212,6 +212,7 @@ fn run(cli: &Cli) -> ExitCode {
         builder.worker_threads(workers);
         builder
     };
+    builder.on_thread_park(allocator::worker_idle);
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
