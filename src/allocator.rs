@@ -37,9 +37,10 @@ const COLLECT_EVERY: Duration = Duration::from_secs(1);
 /// mimalloc does that work only in its own calls, when the thread allocates or frees pages. After
 /// a burst, an idle proxy makes none, and kept what the burst freed: 10,000 keep-alive connections
 /// going idle free their tasks, and the process stayed 0.6 KiB per connection larger than what it
-/// still used (`BENCHMARKS.md`, session 8). The runtime's timer wakes an idle worker every second
-/// (`server::timer_floor`), so an idle proxy collects within two seconds; a busy one pays a clock
-/// read per park.
+/// still used (`BENCHMARKS.md`, session 8). The runtime's timer wakes the worker that waits on the
+/// reactor every second (`server::timer_floor`), so with one worker an idle proxy collects within
+/// two seconds; with several, a worker that waits on its own collects the next time it runs out of
+/// work after a second. A busy worker pays a clock read per park.
 pub fn worker_idle() {
     thread_local! {
         static LAST_COLLECT: Cell<Option<Instant>> = const { Cell::new(None) };

@@ -640,3 +640,146 @@ async fn a_connection_whose_upgrade_was_refused_serves_on_after_a_pause() {
         .unwrap();
     assert_eq!(status_of(&String::from_utf8_lossy(&rest)), 202, "{rest:?}");
 }
+
+/// Sends `GET {path}` on a raw keep-alive connection and returns the status of its answer (a
+/// `/status/...` path: no body to read).
+async fn raw_status(conn: &mut tokio::net::TcpStream, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: dormant.test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    status_of(&String::from_utf8_lossy(&answer))
+}
+
+/// Waits until `server` holds `want` dormant connections.
+async fn dormant_becomes(server: &switchyard::server::Server, want: usize) {
+    for _ in 0..300 {
+        if server.dormant_connections() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{} dormant connections, not {want}",
+        server.dormant_connections()
+    );
+}
+
+/// Parked plain-TCP keep-alive connections wait without a task of their own: fifty of them add
+/// none to the runtime. Each serves its next request on the same socket when it comes, and goes
+/// dormant again; a client closing a dormant connection ends it, and it leaves the idle gauge.
+#[tokio::test]
+async fn parked_connections_wait_without_a_task_and_wake_for_their_next_request() {
+    const N: usize = 50;
+    let apps = apps(1).await;
+    let (server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let idle = server.metrics().downstream_idle(proxy);
+    let runtime = tokio::runtime::Handle::current().metrics();
+
+    // One at a time, so that the backend sees one pooled connection (and runs one task for it).
+    let mut conns = Vec::with_capacity(N);
+    let mut first = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    assert_eq!(raw_status(&mut first, "/status/204").await, 204);
+    conns.push(first);
+    dormant_becomes(&server, 1).await;
+    let tasks_with_one = runtime.num_alive_tasks();
+    for _ in 1..N {
+        let mut conn = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        assert_eq!(raw_status(&mut conn, "/status/204").await, 204);
+        conns.push(conn);
+    }
+    dormant_becomes(&server, N).await;
+    assert_eq!(idle.get(), N as i64, "dormant connections are parked ones");
+    let tasks = runtime.num_alive_tasks();
+    assert!(
+        tasks < tasks_with_one + 5,
+        "{tasks} tasks with {N} dormant connections, {tasks_with_one} with one"
+    );
+
+    // Woken by their next requests, all at once.
+    let answers = futures_util::future::join_all(
+        conns
+            .iter_mut()
+            .map(|conn| async move { raw_status(conn, "/status/202").await }),
+    )
+    .await;
+    assert!(answers.iter().all(|&status| status == 202), "{answers:?}");
+    dormant_becomes(&server, N).await;
+
+    // Clients that close: their connections end.
+    conns.truncate(N / 2);
+    dormant_becomes(&server, N / 2).await;
+    for _ in 0..300 {
+        if idle.get() == (N / 2) as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(idle.get(), (N / 2) as i64);
+    for conn in &mut conns {
+        assert_eq!(raw_status(conn, "/status/204").await, 204);
+    }
+}
+
+/// A dormant connection is closed as its task would have closed it: `timeouts.idle` after its
+/// last answer when that comes before `client_header`, and at once when the server stops.
+#[tokio::test]
+async fn dormant_connections_close_after_idle_and_when_the_server_stops() {
+    use tokio::io::AsyncReadExt;
+
+    let apps = apps(1).await;
+    let tail = "[timeouts]\nidle = \"400ms\"\n";
+    let (server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), tail)).await;
+    let closed_by_proxy = |mut conn: tokio::net::TcpStream| async move {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3), conn.read_to_end(&mut rest))
+            .await
+            .expect("closed by the proxy")
+            .unwrap();
+        assert!(rest.is_empty(), "closed without a word: {rest:?}");
+    };
+
+    let mut idle = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    assert_eq!(raw_status(&mut idle, "/status/204").await, 204);
+    let answered = std::time::Instant::now();
+    dormant_becomes(&server, 1).await;
+    closed_by_proxy(idle).await;
+    let after = answered.elapsed();
+    assert!(
+        after >= Duration::from_millis(380) && after < Duration::from_millis(1200),
+        "closed {after:?} after its last answer, not about 400ms"
+    );
+    dormant_becomes(&server, 0).await;
+
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let mut conn = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        assert_eq!(raw_status(&mut conn, "/status/204").await, 204);
+        conns.push(conn);
+    }
+    dormant_becomes(&server, 2).await;
+    let stopping = std::time::Instant::now();
+    assert!(
+        server.shutdown(Duration::from_secs(5)).await,
+        "stopped in time"
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        stopping.elapsed()
+    );
+    for conn in conns {
+        closed_by_proxy(conn).await;
+    }
+    assert_eq!(server.dormant_connections(), 0);
+}

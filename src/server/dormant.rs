@@ -18,13 +18,13 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyMutGuard};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +58,8 @@ pub(crate) struct Dormant {
     pub(crate) stop: CancellationToken,
     /// Set just before `stop` is cancelled.
     pub(crate) stopped: Arc<AtomicBool>,
+    /// Polling the set failed: nothing sleeps here any more.
+    failed: AtomicBool,
 }
 
 impl std::fmt::Debug for Dormant {
@@ -102,6 +104,7 @@ impl Dormant {
             tracker,
             stop,
             stopped,
+            failed: AtomicBool::new(false),
         });
         let watch = Arc::clone(&dormant).watch(poll);
         Ok((dormant, watch))
@@ -130,6 +133,11 @@ impl Dormant {
         let mut slots = self.slots();
         if slots.closed {
             return Err(sleeper);
+        }
+        if !self.is_working() {
+            drop(slots);
+            sleeper.wake(self);
+            return Ok(());
         }
         let index = match slots.vacant.pop() {
             Some(index) => index,
@@ -170,8 +178,11 @@ impl Dormant {
     }
 
     /// Watches the set until the server stops: wakes sleepers whose socket turned readable,
-    /// closes those past their deadline, and at the stop closes the rest.
+    /// closes those past their deadline, and at the stop closes the rest. Should polling the set
+    /// ever fail, every sleeper is woken and parked connections keep their tasks from then on.
     async fn watch(self: Arc<Self>, mut poll: AsyncFd<mio::Poll>) {
+        // Closes what still sleeps when the watch ends: at the stop, or by a panic.
+        let _closing = CloseOnDrop(&self);
         let mut events = Events::with_capacity(EVENTS);
         let mut last_sweep = Instant::now();
         loop {
@@ -179,45 +190,82 @@ impl Dormant {
                 .slots()
                 .due
                 .map(|due| due.max(last_sweep + SWEEP_GRAIN));
-            tokio::select! {
+            // Checked here, not only by the timer below: a steady stream of wake-ups, polled
+            // first, would put the timer off.
+            if due.is_some_and(|due| due <= Instant::now()) {
+                last_sweep = Instant::now();
+                self.sweep(last_sweep);
+                continue;
+            }
+            let failed = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => break,
-                ready = poll.readable_mut() => {
-                    let mut guard = match ready {
-                        Ok(guard) => guard,
-                        Err(error) => {
-                            tracing::error!(%error, "dormant connections: polling failed");
-                            break;
-                        }
-                    };
-                    loop {
-                        let polled = guard.try_io(|poll| {
-                            poll.get_mut().poll(&mut events, Some(Duration::ZERO))?;
-                            if events.is_empty() {
-                                return Err(io::ErrorKind::WouldBlock.into());
-                            }
-                            Ok(())
-                        });
-                        match polled {
-                            Ok(Ok(())) => self.wake_ready(&events),
-                            Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
-                            Ok(Err(error)) => {
-                                tracing::error!(%error, "dormant connections: polling failed");
-                                break;
-                            }
-                            // Drained: readiness was cleared.
-                            Err(_would_block) => break,
-                        }
-                    }
-                }
-                _ = super::sleep_until_opt(due) => {
-                    last_sweep = Instant::now();
-                    self.sweep(last_sweep);
-                }
-                _ = self.sooner.notified() => {}
+                _ = self.stop.cancelled() => return,
+                ready = poll.readable_mut() => match ready {
+                    Ok(mut guard) => self.drain(&mut guard, &mut events).err(),
+                    Err(error) => Some(error),
+                },
+                _ = super::sleep_until_opt(due) => None,
+                _ = self.sooner.notified() => None,
+            };
+            if let Some(error) = failed {
+                tracing::error!(
+                    %error,
+                    "dormant connections: polling failed; parked connections keep their tasks"
+                );
+                self.give_up();
+                self.stop.cancelled().await;
+                return;
             }
         }
-        self.close_all();
+    }
+
+    /// Takes every readiness event from the set and wakes their sleepers, until none is left
+    /// (which clears the set's readiness in tokio's reactor).
+    fn drain(
+        self: &Arc<Self>,
+        guard: &mut AsyncFdReadyMutGuard<'_, mio::Poll>,
+        events: &mut Events,
+    ) -> io::Result<()> {
+        loop {
+            let polled = guard.try_io(|poll| {
+                poll.get_mut().poll(events, Some(Duration::ZERO))?;
+                if events.is_empty() {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match polled {
+                Ok(Ok(())) => self.wake_ready(events),
+                Ok(Err(error)) if error.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(error)) => return Err(error),
+                Err(_would_block) => return Ok(()),
+            }
+        }
+    }
+
+    /// Whether parked connections go to sleep here (they keep their tasks once polling failed).
+    pub(crate) fn is_working(&self) -> bool {
+        !self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Wakes every sleeper into a task, for good.
+    fn give_up(self: &Arc<Self>) {
+        self.failed.store(true, Ordering::Relaxed);
+        let all: Vec<Box<dyn Sleeper>> = {
+            let mut slots = self.slots();
+            slots.vacant.clear();
+            slots.deadlines.clear();
+            slots.due = None;
+            std::mem::take(&mut slots.sleepers)
+                .into_iter()
+                .flatten()
+                .collect()
+        };
+        for sleeper in all {
+            let fd = sleeper.socket();
+            let _ = self.registry.deregister(&mut SourceFd(&fd));
+            sleeper.wake(self);
+        }
     }
 
     /// Wakes the sleepers whose sockets `events` reports readable (or closed: the woken task
@@ -283,6 +331,15 @@ impl Dormant {
                 .collect()
         };
         drop(all);
+    }
+}
+
+/// Closes every sleeper of a set when dropped (see [`Dormant::watch`]).
+struct CloseOnDrop<'a>(&'a Dormant);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close_all();
     }
 }
 

@@ -385,15 +385,17 @@ impl<T> CheckedIo<T> {
     }
 
     /// A dormant connection woken: waits for its next head as it did when it went dormant, by
-    /// the same deadline.
+    /// the same deadline, though with at least [`WAKE_GRACE`] to read what woke it.
     pub(crate) fn resume(inner: T, dormancy: Dormancy) -> Self {
+        let now = tokio::time::Instant::now();
+        let deadline = dormancy.head_deadline.max(now + WAKE_GRACE);
         let mut scanner = Scanner::new(dormancy.limits, dormancy.verdicts);
         scanner.heads = dormancy.heads;
         CheckedIo {
             inner,
             scanner,
             clock: Clock {
-                sleep: Some(Box::pin(tokio::time::sleep_until(dormancy.head_deadline))),
+                sleep: Some(Box::pin(tokio::time::sleep_until(deadline))),
                 timing: Timing::Head,
             },
             client_header: dormancy.client_header,
@@ -622,6 +624,12 @@ impl<T: AsyncWrite> AsyncWrite for CheckedIo<T> {
         this.inner.poll_shutdown(cx)
     }
 }
+
+/// The least time a connection woken from dormancy has to read what woke it. Its socket's
+/// readiness reaches tokio a reactor turn after the wake (a new registration starts not ready), and
+/// a deadline passing meanwhile, or just before the wake, would close the connection with the
+/// client's request unread.
+const WAKE_GRACE: Duration = Duration::from_millis(100);
 
 /// How long a keep-alive connection waits idle between requests before it lets go of hyper (see
 /// [`CheckedIo::parks_when_idle`]). Letting go and taking up a new hyper connection for the next

@@ -293,7 +293,7 @@ where
                 *this.stop_armed = true;
             }
             if I::CAN_SLEEP && !*this.closing && this.serving.can_sleep() {
-                if let Some(dormant) = this.dormant.as_ref() {
+                if let Some(dormant) = this.dormant.as_ref().filter(|d| d.is_working()) {
                     let held = this.held.take();
                     if let (Some(resting), Some(held)) = (this.serving.take_resting(), held) {
                         fall_asleep(resting, held, this.info, *this.idle, dormant);
@@ -389,7 +389,12 @@ fn fall_asleep<I, S, G>(
         }
     };
     // The idle check's `idle` counts from the last byte moved, which was just before the park.
-    let deadline = dormancy.head_deadline().min(Instant::now() + idle);
+    let head_deadline = dormancy.head_deadline();
+    let deadline = Instant::now()
+        .checked_add(idle)
+        .map_or(head_deadline, |idle_deadline| {
+            head_deadline.min(idle_deadline)
+        });
     let asleep = Box::new(Asleep {
         socket,
         activity,
