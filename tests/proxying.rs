@@ -675,8 +675,8 @@ async fn dormant_becomes(server: &switchyard::server::Server, want: usize) {
     );
 }
 
-/// Parked plain-TCP keep-alive connections wait without a task of their own: fifty of them add
-/// none to the runtime. Each serves its next request on the same socket when it comes, and goes
+/// Parked plain-TCP keep-alive connections wait without a task of their own once parked for
+/// 100 ms: fifty of them add none to the runtime. Each serves its next request on the same socket when it comes, and goes
 /// dormant again; a client closing a dormant connection ends it, and it leaves the idle gauge.
 #[tokio::test]
 async fn parked_connections_wait_without_a_task_and_wake_for_their_next_request() {
@@ -691,7 +691,15 @@ async fn parked_connections_wait_without_a_task_and_wake_for_their_next_request(
     let mut first = tokio::net::TcpStream::connect(proxy).await.unwrap();
     assert_eq!(raw_status(&mut first, "/status/204").await, 204);
     conns.push(first);
+    let answered = std::time::Instant::now();
     dormant_becomes(&server, 1).await;
+    // Parked after 10 ms, dormant only after another 100 ms: a short pause keeps the task.
+    let after = answered.elapsed();
+    assert!(
+        after >= Duration::from_millis(100),
+        "dormant {after:?} after the answer"
+    );
+    assert_eq!(idle.get(), 1, "a dormant connection is a parked one");
     let tasks_with_one = runtime.num_alive_tasks();
     for _ in 1..N {
         let mut conn = tokio::net::TcpStream::connect(proxy).await.unwrap();

@@ -1,6 +1,6 @@
-//! Dormant client connections: plain-TCP keep-alive connections that parked (see
-//! [`CheckedIo::parks_when_idle`](super::framing::CheckedIo::parks_when_idle)) and wait for their
-//! next request with no task of their own.
+//! Dormant client connections: plain-TCP keep-alive connections that have been parked (see
+//! [`CheckedIo::parks_when_idle`](super::framing::CheckedIo::parks_when_idle)) for 100 ms and
+//! wait for their next request with no task of their own.
 //!
 //! A parked connection's task held about a kilobyte (the task, its two timers, tokio's
 //! registration of the socket) to wait for bytes that may not come for minutes. nginx and HAProxy
@@ -13,8 +13,9 @@
 //! would have closed it; when the server stops, all of them are.
 //!
 //! The set is a `mio` poll (an epoll instance) registered in tokio's reactor through `AsyncFd`.
-//! Going dormant and waking cost four `epoll_ctl` calls between them, on connections that were
-//! idle anyway; a connection busy with back-to-back requests never parks.
+//! Going dormant and waking cost four `epoll_ctl` calls and about 6,000 instructions between
+//! them, on connections that were idle for 110 ms already; a client that pauses for less keeps its
+//! connection's task.
 
 use std::io;
 use std::os::fd::RawFd;

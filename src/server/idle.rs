@@ -30,6 +30,14 @@ use crate::proxy::ConnInfo;
 /// How many times per `timeouts.idle` period a client connection is checked for idleness.
 const IDLE_CHECKS: u32 = 4;
 
+/// How long a parked connection keeps its task before it goes dormant. A client that pauses for
+/// less (a script's loop, the requests of one page) is spared waking it, about 6,000 instructions
+/// and a turn of the reactor; one that pauses longer lets go of its task and registration. A
+/// second spared more pauses, but after a burst of new connections left the allocator's pages
+/// fragmented: with 4,000 of 10,000 connections holding their tasks at once, 1.1–1.8 KiB per
+/// idle connection stayed resident, against 0.5–0.7 with 100 ms (`BENCHMARKS.md`, session 8).
+const DORMANT_AFTER: Duration = Duration::from_millis(100);
+
 /// What one client connection has been doing.
 #[derive(Debug, Default)]
 pub struct Activity {
@@ -207,6 +215,10 @@ pin_project! {
         // (several per request) only reads `stopped` and whether the sleep has elapsed.
         stop_armed: bool,
         idle_armed: bool,
+        // Parked: goes dormant when the idle check's sleep next fires, if parked all along.
+        dozing: bool,
+        // The sleep was brought forward for that, ahead of the idle check's own schedule.
+        doze_early: bool,
         // Taken when the connection goes dormant, and held by its sleeper.
         held: Option<G>,
         // Where a parked connection goes to sleep without this task (plain TCP only).
@@ -248,6 +260,8 @@ where
             hard_closing: false,
             stop_armed: false,
             idle_armed: false,
+            dozing: false,
+            doze_early: false,
             held: Some(held),
             dormant,
         }
@@ -292,13 +306,21 @@ where
                 }
                 *this.stop_armed = true;
             }
-            if I::CAN_SLEEP && !*this.closing && this.serving.can_sleep() {
-                if let Some(dormant) = this.dormant.as_ref().filter(|d| d.is_working()) {
-                    let held = this.held.take();
-                    if let (Some(resting), Some(held)) = (this.serving.take_resting(), held) {
-                        fall_asleep(resting, held, this.info, *this.idle, dormant);
-                    }
-                    return Poll::Ready(());
+            if I::CAN_SLEEP
+                && !*this.dozing
+                && !*this.closing
+                && this.serving.can_sleep()
+                && this.dormant.as_ref().is_some_and(|d| d.is_working())
+            {
+                // Parked: dormant at the idle check's next firing, brought forward to
+                // `DORMANT_AFTER` from now when the check is due later than that.
+                *this.dozing = true;
+                this.serving.take_served();
+                let doze_until = Instant::now() + DORMANT_AFTER;
+                if doze_until < this.idle_check.deadline() {
+                    this.idle_check.as_mut().reset(doze_until);
+                    *this.doze_early = true;
+                    *this.idle_armed = false;
                 }
             }
             if *this.closing && !*this.hard_closing {
@@ -313,6 +335,28 @@ where
             }
             // Each path below resets the sleep or ends the task.
             *this.idle_armed = false;
+            if std::mem::take(this.dozing) {
+                let early = std::mem::take(this.doze_early);
+                // Parked now, and all along: a client that sent a request meanwhile is parked
+                // anew, and dozes again from now.
+                let served = this.serving.take_served();
+                if !served && !*this.closing && this.serving.can_sleep() {
+                    if let Some(dormant) = this.dormant.as_ref().filter(|d| d.is_working()) {
+                        let held = this.held.take();
+                        if let (Some(resting), Some(held)) = (this.serving.take_resting(), held) {
+                            fall_asleep(resting, held, this.info, *this.idle, dormant);
+                        }
+                        return Poll::Ready(());
+                    }
+                }
+                if early {
+                    // Served meanwhile: this was no idle check, and the next is a period away.
+                    this.idle_check
+                        .as_mut()
+                        .reset(Instant::now() + check_period(*this.idle));
+                    continue;
+                }
+            }
             let bytes = this.activity.bytes();
             if *this.hard_closing {
                 // A stream opened before the client saw the GOAWAY may still be waiting on a

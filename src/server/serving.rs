@@ -52,6 +52,8 @@ where
     /// Woken from dormancy and not served since: its socket's readiness is yet to reach tokio,
     /// so that it would look as idle as when it went to sleep.
     woken: bool,
+    /// A head was handed to hyper since [`take_served`](Self::take_served) last looked.
+    served: bool,
 }
 
 /// A parked connection taken out of its [`Serving`], to wait without a task.
@@ -119,6 +121,7 @@ where
             verdicts: Arc::clone(io.verdicts()),
             idle,
             woken: false,
+            served: false,
             state: State::Opening {
                 io,
                 service,
@@ -132,6 +135,11 @@ where
     /// it can [rest](Self::take_resting) without its task.
     pub(crate) fn can_sleep(&self) -> bool {
         !self.woken && matches!(&self.state, State::Opening { io, .. } if io.can_sleep())
+    }
+
+    /// Whether a head was handed to hyper since the last call.
+    pub(crate) fn take_served(&mut self) -> bool {
+        std::mem::take(&mut self.served)
     }
 
     /// Takes apart a connection that [can sleep](Self::can_sleep); `None` (and the connection
@@ -164,6 +172,7 @@ where
             verdicts: Arc::clone(resting.io.verdicts()),
             idle: resting.idle,
             woken: true,
+            served: false,
             state: State::Opening {
                 io: resting.io,
                 service: resting.service,
@@ -237,6 +246,7 @@ where
                     };
                     let io = TokioIo::new(io);
                     this.woken = false;
+                    this.served = true;
                     this.state = match opening {
                         Opening::Http1 => State::Http1(
                             Box::new(builders.http1.serve_connection(io, service).with_upgrades()),
