@@ -663,16 +663,10 @@ async fn raw_status(conn: &mut tokio::net::TcpStream, path: &str) -> u16 {
 
 /// Waits until `server` holds `want` dormant connections.
 async fn dormant_becomes(server: &switchyard::server::Server, want: usize) {
-    for _ in 0..300 {
-        if server.dormant_connections() == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!(
-        "{} dormant connections, not {want}",
-        server.dormant_connections()
-    );
+    wait_until(&format!("{want} dormant connections"), || {
+        server.dormant_connections() == want
+    })
+    .await;
 }
 
 /// Parked plain-TCP keep-alive connections wait without a task of their own once parked for
@@ -727,13 +721,10 @@ async fn parked_connections_wait_without_a_task_and_wake_for_their_next_request(
     // Clients that close: their connections end.
     conns.truncate(N / 2);
     dormant_becomes(&server, N / 2).await;
-    for _ in 0..300 {
-        if idle.get() == (N / 2) as i64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(idle.get(), (N / 2) as i64);
+    wait_until("the idle gauge counts the rest", || {
+        idle.get() == (N / 2) as i64
+    })
+    .await;
     for conn in &mut conns {
         assert_eq!(raw_status(conn, "/status/204").await, 204);
     }

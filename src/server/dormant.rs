@@ -85,6 +85,27 @@ struct Slots {
     closed: bool,
 }
 
+impl Slots {
+    /// Takes the sleeper registered as `index` out of the set, if it is still there.
+    fn take(&mut self, index: usize) -> Option<Box<dyn Sleeper>> {
+        let sleeper = self.sleepers.get_mut(index)?.take()?;
+        self.deadlines[index] = None;
+        self.vacant.push(index);
+        Some(sleeper)
+    }
+
+    /// Takes every sleeper out of the set.
+    fn take_all(&mut self) -> Vec<Box<dyn Sleeper>> {
+        self.vacant.clear();
+        self.deadlines.clear();
+        self.due = None;
+        std::mem::take(&mut self.sleepers)
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
 impl Dormant {
     /// An empty set, and the task that watches it (to be spawned on `tracker`); fails if the
     /// epoll instance cannot be made.
@@ -122,9 +143,9 @@ impl Dormant {
     }
 
     /// Puts `sleeper` to sleep until its socket turns readable, or until `deadline`, when it is
-    /// closed (a dormant connection has nothing in flight to finish). A server
-    /// that has stopped takes nothing: the sleeper is handed back, to be closed. A socket the set
-    /// cannot take is woken at once, back into a task.
+    /// closed (a dormant connection has nothing in flight to finish). A server that has stopped
+    /// takes nothing: the sleeper is handed back, to be closed. A socket the set cannot take is
+    /// woken at once, back into a task.
     pub(crate) fn sleep(
         self: &Arc<Self>,
         sleeper: Box<dyn Sleeper>,
@@ -168,14 +189,6 @@ impl Dormant {
             self.sooner.notify_one();
         }
         Ok(())
-    }
-
-    /// Takes the sleeper registered as `token` out of the set, if it is still there.
-    fn take(&self, slots: &mut Slots, index: usize) -> Option<Box<dyn Sleeper>> {
-        let sleeper = slots.sleepers.get_mut(index)?.take()?;
-        slots.deadlines[index] = None;
-        slots.vacant.push(index);
-        Some(sleeper)
     }
 
     /// Watches the set until the server stops: wakes sleepers whose socket turned readable,
@@ -252,16 +265,7 @@ impl Dormant {
     /// Wakes every sleeper into a task, for good.
     fn give_up(self: &Arc<Self>) {
         self.failed.store(true, Ordering::Relaxed);
-        let all: Vec<Box<dyn Sleeper>> = {
-            let mut slots = self.slots();
-            slots.vacant.clear();
-            slots.deadlines.clear();
-            slots.due = None;
-            std::mem::take(&mut slots.sleepers)
-                .into_iter()
-                .flatten()
-                .collect()
-        };
+        let all = self.slots().take_all();
         for sleeper in all {
             let fd = sleeper.socket();
             let _ = self.registry.deregister(&mut SourceFd(&fd));
@@ -276,7 +280,7 @@ impl Dormant {
             let mut slots = self.slots();
             events
                 .iter()
-                .filter_map(|event| self.take(&mut slots, event.token().0))
+                .filter_map(|event| slots.take(event.token().0))
                 .collect()
         };
         for sleeper in woken {
@@ -299,7 +303,7 @@ impl Dormant {
             for index in 0..slots.deadlines.len() {
                 match slots.deadlines[index] {
                     Some(deadline) if deadline <= now => {
-                        if let Some(sleeper) = self.take(&mut slots, index) {
+                        if let Some(sleeper) = slots.take(index) {
                             expired.push(sleeper);
                         }
                     }
@@ -320,17 +324,12 @@ impl Dormant {
 
     /// Closes every sleeper and takes no more.
     fn close_all(&self) {
-        let all: Vec<Box<dyn Sleeper>> = {
+        let all = {
             let mut slots = self.slots();
             slots.closed = true;
-            slots.vacant.clear();
-            slots.deadlines.clear();
-            slots.due = None;
-            std::mem::take(&mut slots.sleepers)
-                .into_iter()
-                .flatten()
-                .collect()
+            slots.take_all()
         };
+        // Dropped outside the lock: each drop closes a socket.
         drop(all);
     }
 }

@@ -19,7 +19,7 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::dormant::{Dormant, Sleeper};
 use super::framing::{CheckedIo, Dormancy};
@@ -222,7 +222,7 @@ pin_project! {
         // Taken when the connection goes dormant, and held by its sleeper.
         held: Option<G>,
         // Where a parked connection goes to sleep without this task (plain TCP only).
-        dormant: Option<Arc<Dormant>>,
+        dormant: Arc<Dormant>,
     }
 }
 
@@ -232,25 +232,21 @@ where
     S: HttpService<Incoming>,
 {
     /// Watches `serving`, whose bytes and waiting requests `activity` counts, over the client
-    /// connection `info`; `stop` closes it gracefully, and `stopped` is set just before it is
-    /// cancelled. Once parked, a connection over a stream that [can sleep](ClientStream) goes to
-    /// `dormant`.
-    #[allow(clippy::too_many_arguments)]
+    /// connection `info`; the server's stop (`dormant.stop`) closes it gracefully. Once parked, a
+    /// connection over a stream that [can sleep](ClientStream) goes to `dormant`.
     pub(crate) fn new(
         serving: Serving<I, S>,
         activity: Arc<Activity>,
         info: Arc<ConnInfo>,
         idle: Duration,
-        stop: CancellationToken,
-        stopped: Arc<AtomicBool>,
         held: G,
-        dormant: Option<Arc<Dormant>>,
+        dormant: Arc<Dormant>,
     ) -> Self {
         Watched {
             serving,
             idle_check: tokio::time::sleep(check_period(idle)),
-            stopping: stop.cancelled_owned(),
-            stopped,
+            stopping: dormant.stop.clone().cancelled_owned(),
+            stopped: Arc::clone(&dormant.stopped),
             bytes_at_last_check: activity.bytes(),
             activity,
             info,
@@ -310,7 +306,7 @@ where
                 && !*this.dozing
                 && !*this.closing
                 && this.serving.can_sleep()
-                && this.dormant.as_ref().is_some_and(|d| d.is_working())
+                && this.dormant.is_working()
             {
                 // Parked: dormant at the idle check's next firing, brought forward to
                 // `DORMANT_AFTER` from now when the check is due later than that.
@@ -340,14 +336,16 @@ where
                 // Parked now, and all along: a client that sent a request meanwhile is parked
                 // anew, and dozes again from now.
                 let served = this.serving.take_served();
-                if !served && !*this.closing && this.serving.can_sleep() {
-                    if let Some(dormant) = this.dormant.as_ref().filter(|d| d.is_working()) {
-                        let held = this.held.take();
-                        if let (Some(resting), Some(held)) = (this.serving.take_resting(), held) {
-                            fall_asleep(resting, held, this.info, *this.idle, dormant);
-                        }
-                        return Poll::Ready(());
+                if !served
+                    && !*this.closing
+                    && this.serving.can_sleep()
+                    && this.dormant.is_working()
+                {
+                    let held = this.held.take();
+                    if let (Some(resting), Some(held)) = (this.serving.take_resting(), held) {
+                        fall_asleep(resting, held, this.info, *this.idle, this.dormant);
                     }
+                    return Poll::Ready(());
                 }
                 if early {
                     // Served meanwhile: this was no idle check, and the next is a period away.
@@ -513,16 +511,7 @@ where
             idle: idle_gauge,
             counted_idle,
         });
-        let watched = Watched::new(
-            serving,
-            activity,
-            info,
-            idle,
-            dormant.stop.clone(),
-            Arc::clone(&dormant.stopped),
-            held,
-            Some(Arc::clone(dormant)),
-        );
+        let watched = Watched::new(serving, activity, info, idle, held, Arc::clone(dormant));
         dormant.tracker.spawn(watched);
     }
 }

@@ -565,10 +565,8 @@ impl Server {
             activity,
             connection_info,
             idle,
-            self.shutdown.clone(),
-            Arc::clone(&self.stopped),
             counted,
-            Some(Arc::clone(&self.dormant)),
+            Arc::clone(&self.dormant),
         )
     }
 
