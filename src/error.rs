@@ -54,6 +54,17 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    /// The exchange with the backend failed after the request was sent, on a connection
+    /// switchyard drives itself (see `backend::h1`): the backend closed it, or answered with a
+    /// malformed response.
+    #[error("backend {backend} failed")]
+    UpstreamIo {
+        /// The backend's address.
+        backend: SocketAddr,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
     /// The backend answered 101 to a request that did not ask to switch protocols.
     #[error("backend {backend} switched protocols unasked")]
     UnexpectedUpgrade {
@@ -123,6 +134,7 @@ impl ProxyError {
             ProxyError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamIo { .. }
             | ProxyError::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -158,7 +170,9 @@ impl ProxyError {
                 "backend unreachable\n"
             }
             ProxyError::ResponseTimeout { .. } => "backend timed out\n",
-            ProxyError::Upstream { .. } | ProxyError::UnexpectedUpgrade { .. } => "backend error\n",
+            ProxyError::Upstream { .. }
+            | ProxyError::UpstreamIo { .. }
+            | ProxyError::UnexpectedUpgrade { .. } => "backend error\n",
             ProxyError::BadRequest { .. } | ProxyError::RequestBody { .. } => "bad request\n",
             ProxyError::UriTooLong { .. } => "request line too long\n",
             ProxyError::HeadersTooLarge { .. } => "request header fields too large\n",

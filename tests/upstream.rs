@@ -380,16 +380,20 @@ async fn several_port_zero_listeners_are_distinct() {
     }
 }
 
-/// An upstream connection idle for a second is parked (hyper's connection over it ends, and with
-/// it its buffers), and the next request starts a new one over the same socket: the backend sees
-/// one connection carry both requests.
+/// An upstream connection that hyper's client drove (a request with a body) and that stays idle
+/// for a second is parked (hyper's connection over it ends, and with it its buffers), and the
+/// next such request starts a new one over the same socket: the backend sees one connection
+/// carry both requests. (A bodiless GET's connection, driven without hyper, parks at once: see
+/// `bodiless_requests_keep_one_backend_connection_through_every_framing`.)
 #[tokio::test]
 async fn an_idle_upstream_connection_is_parked_and_its_socket_reused() {
     let (backend, seen) =
         support::tls::recording_backend("127.0.0.1:0".parse().unwrap(), None).await;
     let (server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
     let state = server.shared().registry.get(backend).unwrap();
-    assert_eq!(get(proxy, "/one", &[]).await.status, 200);
+    let client = client();
+    let post = |path: &'static str| send(&client, proxy, "POST", path, &[], Bytes::from("body"));
+    assert_eq!(post("/one").await.status, 200);
     wait_until("the connection is back in the pool, ready", || {
         state.pool.idle_connections() == (1, 0)
     })
@@ -398,17 +402,19 @@ async fn an_idle_upstream_connection_is_parked_and_its_socket_reused() {
         state.pool.idle_connections() == (0, 1)
     })
     .await;
-    assert_eq!(get(proxy, "/two", &[]).await.status, 200);
+    assert_eq!(post("/two").await.status, 200);
     wait_until("the connection is back, ready again", || {
         state.pool.idle_connections() == (1, 0)
     })
     .await;
+    assert_eq!(get(proxy, "/three", &[]).await.status, 200);
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 2);
+    assert_eq!(seen.len(), 3);
     assert_eq!(
         seen[1].connection, 0,
         "the parked socket carried the second request"
     );
+    assert_eq!(seen[2].connection, 0, "and a GET after it");
 }
 
 /// A parked connection the backend closes is closed too, by the next sweep, not kept half-closed
@@ -518,4 +524,160 @@ async fn an_idle_upstream_connection_is_closed_after_idle_without_traffic() {
         "closed after {after:?}, before idle (2s)"
     );
     assert_eq!(state.pool.idle_connections(), (0, 0));
+}
+
+/// A keep-alive backend that answers each request by its path, with response framings the demo
+/// app never uses, over as many requests per connection as the proxy sends; counts connections.
+async fn framing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let line = head.lines().next().unwrap_or_default().to_owned();
+                    let parts: Vec<&[u8]> = match line.as_str() {
+                        "GET /length HTTP/1.1" => {
+                            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]
+                        }
+                        "HEAD /length HTTP/1.1" => {
+                            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]
+                        }
+                        "GET /chunked HTTP/1.1" => vec![
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n",
+                            b"6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+                        ],
+                        "GET /early-hints HTTP/1.1" => vec![
+                            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n",
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                        ],
+                        "GET /in-pieces HTTP/1.1" => vec![
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nab",
+                            b"cdefghij",
+                        ],
+                        "GET /no-content HTTP/1.1" => vec![b"HTTP/1.1 204 No Content\r\n\r\n"],
+                        "GET /then-close HTTP/1.1" => {
+                            vec![b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbye"]
+                        }
+                        "GET /until-close HTTP/1.1" => {
+                            vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"]
+                        }
+                        "GET /too-long HTTP/1.1" => {
+                            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA"]
+                        }
+                        _ => vec![b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"],
+                    };
+                    for (i, part) in parts.iter().enumerate() {
+                        if i > 0 {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        if s.write_all(part).await.is_err() {
+                            return;
+                        }
+                    }
+                    if line.contains("close") || line.contains("too-long") {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// Bodiless GETs and HEADs to a plain HTTP/1.1 backend are exchanged without hyper's client
+/// (`backend::h1`): every framing RFC 9112 allows reaches the client intact (a body with its
+/// head or in pieces, chunked with extensions and trailers, informational answers skipped, no
+/// body for HEAD and 204), and all of them share one connection; a `Connection: close` answer, a
+/// body delimited by the close, or bytes past the body end it, and the next request opens another.
+#[tokio::test]
+async fn bodiless_requests_keep_one_backend_connection_through_every_framing() {
+    let (backend, connections) = framing_backend().await;
+    let (server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
+    let state = server.shared().registry.get(backend).unwrap();
+    let client = client();
+    let cases = [
+        ("GET", "/length", 200, "hello"),
+        ("HEAD", "/length", 200, ""),
+        ("GET", "/chunked", 200, "hello world"),
+        ("GET", "/early-hints", 200, "ok"),
+        ("GET", "/in-pieces", 200, "abcdefghij"),
+        ("GET", "/no-content", 204, ""),
+        ("GET", "/length", 200, "hello"),
+    ];
+    for (method, path, status, body) in cases {
+        let reply = send(&client, proxy, method, path, &[], Bytes::new()).await;
+        assert_eq!(reply.status, status, "{method} {path}");
+        assert_eq!(reply.body, body, "{method} {path}");
+        if method == "HEAD" {
+            assert_eq!(reply.headers["content-length"], "5");
+        }
+        wait_until("the connection is back in the pool", || {
+            state.pool.idle_connections() == (0, 1)
+        })
+        .await;
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "one connection for all"
+    );
+
+    let mut expected = 1;
+    for (path, body) in [
+        ("/then-close", "bye"),
+        ("/until-close", "all of it"),
+        ("/too-long", "ok"),
+    ] {
+        let reply = get(proxy, path, &[]).await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.body.as_str()),
+            (200, body),
+            "{path}"
+        );
+        assert_eq!(
+            state.pool.idle_connections(),
+            (0, 0),
+            "{path} is not reused"
+        );
+        assert_eq!(get(proxy, "/length", &[]).await.body, "hello");
+        expected += 1;
+        assert_eq!(connections.load(Ordering::SeqCst), expected, "{path}");
+    }
+}
+
+/// Trailers of a chunked body read without hyper reach an HTTP/2 client, which can carry them.
+#[tokio::test]
+async fn chunked_trailers_from_a_plain_backend_reach_the_client() {
+    let (backend, _) = framing_backend().await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get(format!("http://{proxy}/chunked"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = send.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["x-sum"], "11");
+    assert_eq!(collected.to_bytes(), "hello world");
 }

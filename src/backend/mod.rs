@@ -2,10 +2,12 @@
 //! ([`BackendState`]: in-flight counts, drain state, pooled connections), and the [`Registry`] that
 //! keeps live state by address so that it survives reloads.
 
+mod h1;
 mod pool;
 mod registry;
 mod state;
 
-pub use pool::{ConnPool, PooledConn, SendError, Upload, UpstreamBody};
+pub use h1::ResponseBody;
+pub use pool::{ConnPool, PooledConn, SendError, Stream, Upload, UpstreamBody};
 pub use registry::Registry;
 pub use state::{BackendState, BackendStatus, Drain, DrainOutcome, InFlightGuard, UpgradeGuard};

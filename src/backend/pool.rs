@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use super::h1::{self, ResponseBody};
 use crate::config::{Timeouts, UpstreamTls};
 use crate::error::ProxyError;
 
@@ -209,6 +210,9 @@ pub struct PooledConn {
 enum Sender {
     Http1(Http1Sender),
     Http2,
+    /// Driven by switchyard itself ([`super::h1`]): the stream, once the response has been read
+    /// to its end and the connection can carry another request.
+    Raw(Option<Box<dyn Stream>>),
 }
 
 /// The sending half of an HTTP/1.1 connection.
@@ -225,6 +229,7 @@ impl std::fmt::Debug for PooledConn {
         f.write_str(match self.sender {
             Sender::Http1(_) => "PooledConn(HTTP/1.1)",
             Sender::Http2 => "PooledConn(HTTP/2)",
+            Sender::Raw(_) => "PooledConn(HTTP/1.1, raw)",
         })
     }
 }
@@ -233,6 +238,13 @@ impl PooledConn {
     /// Whether the request's body was sent whole, so the connection carries no leftover of it.
     pub fn request_done(&self) -> bool {
         self.upload.as_ref().is_none_or(|u| u.is_done())
+    }
+
+    /// Hands back the stream of a response body read here to its end, for [`ConnPool::checkin`].
+    pub fn give_back(&mut self, stream: Box<dyn Stream>) {
+        if let Sender::Raw(slot) = &mut self.sender {
+            *slot = Some(stream);
+        }
     }
 }
 
@@ -460,12 +472,11 @@ impl ConnPool {
         if !conn.request_done() {
             return;
         }
-        let Sender::Http1(sender) = conn.sender else {
-            return;
+        let sender = match conn.sender {
+            Sender::Http1(sender) if !sender.send.is_closed() => Ok(sender),
+            Sender::Raw(Some(stream)) => Err(stream),
+            _ => return,
         };
-        if sender.send.is_closed() {
-            return;
-        }
         let mut idle = self.lock_idle();
         // Compared under the lock, which `clear` holds while it moves the generation on and
         // empties the lists: a connection from before a `clear` never slips in after it.
@@ -478,7 +489,11 @@ impl ConnPool {
         let mut closing = Vec::new();
         idle.expire(now, conn.max_idle, &mut closing);
         if idle.ready.len() + idle.parked.len() < MAX_IDLE {
-            idle.ready.push_back(Idle { sender, since: now });
+            match sender {
+                Ok(sender) => idle.ready.push_back(Idle { sender, since: now }),
+                // Nothing to end: the stream has no task, so it is parked at once.
+                Err(stream) => idle.parked.push_back(Parked { stream, since: now }),
+            }
         }
         let start_sweeping = !std::mem::replace(&mut idle.sweeping, true);
         drop(idle);
@@ -598,8 +613,11 @@ impl ConnPool {
         timeouts: &Timeouts,
         tls: Option<&UpstreamTls>,
         upgrade: bool,
-    ) -> Result<(Response<Incoming>, PooledConn), SendError> {
+    ) -> Result<(Response<ResponseBody>, PooledConn), SendError> {
         let upload = request.body().upload();
+        // A bodiless GET or HEAD to a plain backend is exchanged without hyper (see `h1`) on a
+        // parked or new connection; a ready hyper connection still takes it.
+        let raw = tls.is_none() && !upgrade && h1::eligible(&request);
         let generation = self.generation.load(Ordering::SeqCst);
         // Only TLS backends can have negotiated h2, so plain ones never take this lock.
         if let (Some(tls), false) = (tls, upgrade) {
@@ -609,7 +627,7 @@ impl ConnPool {
                 match self.exchange(sending, timeouts, &upload).await {
                     Ok(response) => {
                         return Ok((
-                            from_http2(response),
+                            from_http2(response).map(ResponseBody::Hyper),
                             self.pooled(Sender::Http2, upload, timeouts, generation),
                         ))
                     }
@@ -633,6 +651,17 @@ impl ConnPool {
         while let Some(checkout) = self.checkout(timeouts.idle, upgrade) {
             let (mut sender, fresh) = match checkout {
                 Checkout::Ready(sender) => (sender, false),
+                Checkout::Parked(stream) if raw => {
+                    match self
+                        .exchange_raw(stream, &request, timeouts, generation)
+                        .await
+                    {
+                        Ok(exchanged) => return Ok(exchanged),
+                        // The backend closed it as the request went out: it never saw it.
+                        Err(h1::Failure::Closed(_)) => continue,
+                        Err(failure) => return Err(SendError::Failed(self.raw_error(failure))),
+                    }
+                }
                 Checkout::Parked(stream) => {
                     match self.handshake_http1(stream, true, generation).await {
                         Ok(sender) => (sender, true),
@@ -654,13 +683,16 @@ impl ConnPool {
             match self.exchange(sending, timeouts, &upload).await {
                 Ok(response) => {
                     return Ok((
-                        response,
+                        response.map(ResponseBody::Hyper),
                         self.pooled(Sender::Http1(sender), upload, timeouts, generation),
                     ))
                 }
                 Err(SendError::NotSent { request: r, .. }) => request = *r,
                 Err(failed) => return Err(failed),
             }
+        }
+        if raw {
+            return self.connect_raw(request, timeouts, generation).await;
         }
         // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is the largest state this future
         // can be in, and the rarest, so it is kept out of the request's future, which is moved
@@ -680,7 +712,7 @@ impl ConnPool {
                 let sending = sender.send.try_send_request(request);
                 let response = self.exchange(sending, timeouts, &upload).await?;
                 Ok((
-                    response,
+                    response.map(ResponseBody::Hyper),
                     self.pooled(Sender::Http1(sender), upload, timeouts, generation),
                 ))
             }
@@ -699,7 +731,7 @@ impl ConnPool {
                 let sending = sender.try_send_request(request);
                 match self.exchange(sending, timeouts, &upload).await {
                     Ok(response) => Ok((
-                        from_http2(response),
+                        from_http2(response).map(ResponseBody::Hyper),
                         self.pooled(Sender::Http2, upload, timeouts, generation),
                     )),
                     Err(SendError::NotSent { mut request, error }) => {
@@ -709,6 +741,72 @@ impl ConnPool {
                     Err(failed) => Err(failed),
                 }
             }
+        }
+    }
+
+    /// Opens a plain TCP connection and exchanges a bodiless GET or HEAD on it (see `h1`).
+    async fn connect_raw(
+        &self,
+        request: Request<UpstreamBody>,
+        timeouts: &Timeouts,
+        generation: u64,
+    ) -> Result<(Response<ResponseBody>, PooledConn), SendError> {
+        let backend = self.address;
+        let connecting = async {
+            let stream = TcpStream::connect(backend).await?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        };
+        let stream = match tokio::time::timeout(timeouts.connect, connecting).await {
+            Ok(Ok(stream)) => stream,
+            failed => {
+                let error = match failed {
+                    Ok(Err(source)) => ProxyError::Connect { backend, source },
+                    _ => ProxyError::ConnectTimeout { backend },
+                };
+                return Err(SendError::NotSent {
+                    request: Box::new(request),
+                    error,
+                });
+            }
+        };
+        match self
+            .exchange_raw(Box::new(stream), &request, timeouts, generation)
+            .await
+        {
+            Ok(exchanged) => Ok(exchanged),
+            // On a new connection, a close is the backend's failure: it may have seen the request.
+            Err(failure) => Err(SendError::Failed(self.raw_error(failure))),
+        }
+    }
+
+    fn raw_error(&self, failure: h1::Failure) -> ProxyError {
+        let backend = self.address;
+        match failure {
+            h1::Failure::Closed(source) | h1::Failure::Broken(source) => {
+                ProxyError::UpstreamIo { backend, source }
+            }
+            h1::Failure::TimedOut => ProxyError::ResponseTimeout { backend },
+        }
+    }
+
+    /// Exchanges `request` on `stream` (see `h1`), waiting `response_header` for the head; a
+    /// timeout is a failure like a broken response.
+    async fn exchange_raw(
+        &self,
+        stream: Box<dyn Stream>,
+        request: &Request<UpstreamBody>,
+        timeouts: &Timeouts,
+        generation: u64,
+    ) -> Result<(Response<ResponseBody>, PooledConn), h1::Failure> {
+        let exchanging = h1::exchange(stream, request);
+        match tokio::time::timeout(timeouts.response_header, exchanging).await {
+            Ok(Ok((response, reusable))) => Ok((
+                response,
+                self.pooled(Sender::Raw(reusable), None, timeouts, generation),
+            )),
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(h1::Failure::TimedOut),
         }
     }
 

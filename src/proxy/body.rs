@@ -10,11 +10,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use crate::backend::{InFlightGuard, PooledConn};
+use crate::backend::{InFlightGuard, PooledConn, ResponseBody};
 use crate::health;
 use crate::state::{Shared, Snapshot};
 
@@ -79,6 +79,15 @@ impl Finish {
         }
     }
 
+    /// As [`Finish::complete`], for a body read without hyper: `stream` is its connection, if it
+    /// can carry another request.
+    pub fn complete_with(mut self, stream: Option<Box<dyn crate::backend::Stream>>) {
+        if let (Some(stream), Some(conn)) = (stream, self.conn.as_mut()) {
+            conn.give_back(stream);
+        }
+        self.complete();
+    }
+
     /// The body ended cleanly: the connection can carry another request, unless the backend's
     /// drain has ended (its pool was emptied then and must stay empty). While it drains, sticky
     /// clients may still reuse connections.
@@ -103,7 +112,7 @@ pin_project! {
         /// Streamed from the backend.
         Upstream {
             #[pin]
-            body: Incoming,
+            body: ResponseBody,
             finish: Option<Finish>,
             // Fires when the backend sends nothing for `stall_limit`; reset on every frame.
             #[pin]
@@ -119,7 +128,7 @@ pin_project! {
 
 impl ProxyBody {
     /// A body streamed from the backend, cut if it stalls for `stall_limit`.
-    pub fn upstream(body: Incoming, finish: Finish, stall_limit: Duration) -> Self {
+    pub fn upstream(body: ResponseBody, finish: Finish, stall_limit: Duration) -> Self {
         ProxyBody::Upstream {
             body,
             finish: Some(finish),
@@ -159,7 +168,7 @@ impl Body for ProxyBody {
             } => match body.as_mut().poll_frame(cx) {
                 Poll::Ready(None) => {
                     if let Some(f) = finish.take() {
-                        f.complete();
+                        f.complete_with(body.get_mut().take_reusable());
                     }
                     Poll::Ready(None)
                 }
@@ -167,7 +176,7 @@ impl Body for ProxyBody {
                     // The server may stop polling once it sees the end, so finish on the last frame.
                     if body.is_end_stream() {
                         if let Some(f) = finish.take() {
-                            f.complete();
+                            f.complete_with(body.get_mut().take_reusable());
                         }
                     } else {
                         stall.reset(Instant::now() + *stall_limit);
@@ -178,7 +187,7 @@ impl Body for ProxyBody {
                     if let Some(f) = finish.take() {
                         f.failed();
                     }
-                    Poll::Ready(Some(Err(error.into())))
+                    Poll::Ready(Some(Err(error)))
                 }
                 Poll::Pending => match stall.poll(cx) {
                     Poll::Ready(()) => {

@@ -342,7 +342,12 @@ async fn forward(
                     watch: (!settled)
                         .then(|| BodyWatch::new(shared, snapshot, pool_index, choice.index)),
                 };
-                return Ok(response.map(|body| {
+                return Ok(response.map(|mut body| {
+                    // Read whole with its head (see `backend::h1`): no stall to watch for.
+                    if let Some(whole) = body.take_whole() {
+                        finish.complete();
+                        return whole.map_or_else(ProxyBody::empty, ProxyBody::local);
+                    }
                     if body.is_end_stream() {
                         finish.complete();
                         ProxyBody::empty()
@@ -400,7 +405,10 @@ async fn forward(
                 }
                 // A timeout is not retried: the backend may still be working on the request, and
                 // the client has already waited the whole timeout once.
-                let broken = matches!(error, ProxyError::Upstream { .. });
+                let broken = matches!(
+                    error,
+                    ProxyError::Upstream { .. } | ProxyError::UpstreamIo { .. }
+                );
                 let (Some(replay), true, true) = (&replay, broken, retried < retries) else {
                     return Err(error);
                 };
