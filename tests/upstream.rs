@@ -576,6 +576,12 @@ async fn framing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                         "GET /until-close HTTP/1.1" => {
                             vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"]
                         }
+                        "GET /?x=1 HTTP/1.1" => {
+                            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslash"]
+                        }
+                        "GET /both HTTP/1.1" => vec![
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                        ],
                         "GET /too-long HTTP/1.1" => {
                             vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA"]
                         }
@@ -637,11 +643,23 @@ async fn bodiless_requests_keep_one_backend_connection_through_every_framing() {
         "one connection for all"
     );
 
+    // The absolute form without a path reaches the backend as `/?x=1` (as hyper writes it).
+    let answer = raw_exchange(
+        proxy,
+        b"GET http://a?x=1 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("slash"),
+        "{answer}"
+    );
+
     let mut expected = 1;
     for (path, body) in [
         ("/then-close", "bye"),
         ("/until-close", "all of it"),
         ("/too-long", "ok"),
+        ("/both", "hello"),
     ] {
         let reply = get(proxy, path, &[]).await;
         assert_eq!(
@@ -649,6 +667,10 @@ async fn bodiless_requests_keep_one_backend_connection_through_every_framing() {
             (200, body),
             "{path}"
         );
+        if path == "/both" {
+            // The Content-Length beside a Transfer-Encoding is not passed on (RFC 9112 §6.3).
+            assert!(!reply.headers.contains_key("content-length"), "{path}");
+        }
         assert_eq!(
             state.pool.idle_connections(),
             (0, 0),
@@ -680,4 +702,80 @@ async fn chunked_trailers_from_a_plain_backend_reach_the_client() {
     let trailers = collected.trailers().cloned().expect("trailers");
     assert_eq!(trailers["x-sum"], "11");
     assert_eq!(collected.to_bytes(), "hello world");
+}
+
+/// A backend that answers the first request on each connection (after `delay`, so that requests
+/// sent together each open one) and closes the connection, unanswered, on any later one: every
+/// reuse of its connections meets the keep-alive race.
+async fn one_answer_backend(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut answered = false;
+                loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        if answered {
+                            return;
+                        }
+                        buf.drain(..end + 4);
+                        tokio::time::sleep(delay).await;
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        answered = true;
+                        continue;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// A pooled connection the backend closes as a GET goes out on it (no answer came) costs the
+/// client nothing: the GET goes again, on a new connection, and the backend is not counted as
+/// failing. A second such close in one request is the backend's failure: 502, counted, and no
+/// third connection tried.
+#[tokio::test]
+async fn the_keep_alive_race_is_retried_once() {
+    let tail = "[pools.app.passive]\nconsecutive_failures = 1000\n";
+    let (backend, connections) = one_answer_backend(Duration::ZERO).await;
+    let (server, first) = proxy(&one_pool("round_robin", &[(backend, 1)], tail)).await;
+    let state = server.shared().registry.get(backend).unwrap();
+    assert_eq!(get(first, "/", &[]).await.body, "ok");
+    assert_eq!(state.pool.idle_connections(), (0, 1));
+    assert_eq!(
+        get(first, "/", &[]).await.body,
+        "ok",
+        "retried on a new connection"
+    );
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    assert_eq!(state.health.consecutive_failures(), 0);
+
+    let (backend, connections) = one_answer_backend(Duration::from_millis(200)).await;
+    let (server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], tail)).await;
+    let state = server.shared().registry.get(backend).unwrap();
+    let together = (0..3).map(|_| get(proxy, "/", &[]));
+    for reply in futures_util::future::join_all(together).await {
+        assert_eq!(reply.body, "ok");
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+    assert_eq!(state.pool.idle_connections(), (0, 3));
+    let reply = get(proxy, "/", &[]).await;
+    assert_eq!(reply.status, 502, "two closes in a row");
+    assert_eq!(state.health.consecutive_failures(), 1);
+    assert_eq!(state.pool.idle_connections(), (0, 1), "the third is left");
+    assert_eq!(connections.load(Ordering::SeqCst), 3, "no new connection");
 }

@@ -27,9 +27,9 @@ use super::UpstreamBody;
 /// The most header fields a response head may have (hyper's default too).
 const MAX_HEADERS: usize = 100;
 
-/// The largest response head read; a larger one is a broken backend (hyper allows about 400 KiB,
-/// nginx 4–8 KiB by default).
-const MAX_HEAD: usize = 64 * 1024;
+/// The largest response head read: hyper's limit, so that a response is held to the same one
+/// whichever path its request took (nginx's default is 4–8 KiB).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
 
 /// The largest chunk-size line, or trailer section, of a chunked body.
 const MAX_CHUNK_LINE: usize = 4096;
@@ -62,17 +62,23 @@ fn encode_head(request: &Request<UpstreamBody>) -> Vec<u8> {
     let target = request
         .uri()
         .path_and_query()
-        .map_or("/", |p| p.as_str())
+        .map_or("", |p| p.as_str())
         .as_bytes();
+    // As `PathAndQuery`'s `Display` (which hyper writes): a target such as `?x=1`, from the
+    // absolute form `http://host?x=1`, gets its `/`.
+    let slash = !matches!(target.first(), Some(b'/' | b'*'));
     let fields: usize = request
         .headers()
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     let method = request.method().as_str().as_bytes();
-    let mut head = Vec::with_capacity(method.len() + target.len() + fields + 14);
+    let mut head = Vec::with_capacity(method.len() + target.len() + fields + 15);
     head.extend_from_slice(method);
     head.push(b' ');
+    if slash {
+        head.push(b'/');
+    }
     head.extend_from_slice(target);
     head.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in request.headers() {
@@ -183,9 +189,20 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         let start = field.value.as_ptr() as usize - base;
         spans.push((name, start, start + field.value.len()));
     }
+    if delimiting.transfer_encoding && version == Version::HTTP_10 {
+        // An HTTP/1.0 peer cannot chunk (RFC 9112 §6.1); hyper refuses it too.
+        return Err(Failure::Broken(invalid(
+            "transfer-encoding in an HTTP/1.0 response",
+        )));
+    }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
     for (name, start, end) in spans {
+        // With a Transfer-Encoding, a Content-Length is wrong and must not be passed on (RFC 9112
+        // §6.3): the client would be told a length the body does not have.
+        if delimiting.transfer_encoding && name == header::CONTENT_LENGTH {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| Failure::Broken(invalid("invalid header value")))?;
         headers.append(name, value);
@@ -205,10 +222,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     } else {
         delimiting.length.map_or(Framing::Close, Framing::Length)
     };
-    // Not for HTTP/1.0, `Connection: close`, a body that ends with the connection, or both a
+    // Not for HTTP/1.0 unless it says keep-alive, `Connection: close`, a body that ends with the
+    // connection, or both a
     // Transfer-Encoding and a Content-Length (a smuggling attempt or a broken backend: RFC 9112
     // §6.3 has the connection closed after it).
-    let closes = version != Version::HTTP_11
+    let closes = (version != Version::HTTP_11 && !delimiting.keep_alive)
         || delimiting.close
         || matches!(framing, Framing::Close)
         || (delimiting.transfer_encoding && delimiting.length.is_some());
@@ -239,6 +257,8 @@ struct Delimiting {
     length: Option<u64>,
     /// `Connection: close`.
     close: bool,
+    /// `Connection: keep-alive`, which an HTTP/1.0 response needs to be followed by another.
+    keep_alive: bool,
 }
 
 impl Delimiting {
@@ -257,9 +277,10 @@ impl Delimiting {
                 self.length = Some(n);
             }
         } else if name == header::CONNECTION {
-            self.close |= value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
         }
         Ok(())
     }
@@ -417,9 +438,8 @@ impl Body for ResponseBody {
             ResponseBody::Hyper(body) => body.size_hint(),
             ResponseBody::Raw(RawBody {
                 framing: Framing::Length(n),
-                buf,
                 ..
-            }) => SizeHint::with_exact(*n.max(&(buf.len() as u64))),
+            }) => SizeHint::with_exact(*n),
             ResponseBody::Raw(_) => SizeHint::default(),
             ResponseBody::Whole(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
@@ -549,14 +569,19 @@ impl RawBody {
                             }
                             return Ok(None);
                         };
-                        let line = self.buf[..end]
-                            .strip_suffix(b"\r")
-                            .unwrap_or(&self.buf[..end]);
-                        let digits = line
-                            .split(|&b| b == b';')
-                            .next()
-                            .unwrap_or_default()
-                            .trim_ascii_end();
+                        // CRLF only, and no other CR in the line: a bare LF or CR is where
+                        // parsers disagree, and a response read one way by switchyard and
+                        // another by the backend would leave the connection out of step.
+                        let line = match self.buf[..end].strip_suffix(b"\r") {
+                            Some(line) if !line.contains(&b'\r') => line,
+                            _ => return Err(invalid("chunk-size line not ended by CRLF")),
+                        };
+                        let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+                        // Whitespace may come before a chunk extension (RFC 9112 §7.1.1).
+                        let digits = match digits.iter().rposition(|&b| b != b' ' && b != b'\t') {
+                            Some(last) => &digits[..=last],
+                            None => &[][..],
+                        };
                         let size =
                             parse_hex(digits).ok_or_else(|| invalid("invalid chunk size"))?;
                         self.buf.advance(end + 1);
@@ -578,26 +603,19 @@ impl RawBody {
                         return Ok(Some(Frame::data(self.buf.split_to(n).freeze())));
                     }
                     Chunked::DataEnd => {
-                        if self.buf.starts_with(b"\r\n") {
-                            self.buf.advance(2);
-                        } else if self.buf.starts_with(b"\n") {
-                            self.buf.advance(1);
-                        } else if self.buf.len() >= 2 || self.buf.first() != Some(&b'\r') {
-                            if self.buf.is_empty() {
-                                return Ok(None);
-                            }
-                            return Err(invalid("chunk data not followed by CRLF"));
-                        } else {
+                        if self.buf.len() < 2 && b"\r\n".starts_with(&self.buf) {
                             return Ok(None);
                         }
+                        if !self.buf.starts_with(b"\r\n") {
+                            return Err(invalid("chunk data not followed by CRLF"));
+                        }
+                        self.buf.advance(2);
                         *state = Chunked::Size;
                     }
                     Chunked::Trailers => {
                         // Ends at an empty line: at once when there are no trailers.
                         let end = if self.buf.starts_with(b"\r\n") {
                             Some(2)
-                        } else if self.buf.starts_with(b"\n") {
-                            Some(1)
                         } else {
                             memchr::memmem::find(&self.buf, b"\r\n\r\n").map(|at| at + 4)
                         };
@@ -635,9 +653,13 @@ fn trailers(section: &Bytes) -> io::Result<Option<HeaderMap>> {
     }
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let parsed = httparse::parse_headers(section, &mut fields).map_err(invalid)?;
-    let httparse::Status::Complete((_, fields)) = parsed else {
+    // The section must end where httparse ends it, or the two readings disagree (see `Size`).
+    let httparse::Status::Complete((len, fields)) = parsed else {
         return Err(invalid("incomplete trailer section"));
     };
+    if len != section.len() {
+        return Err(invalid("malformed trailer section"));
+    }
     let mut map = HeaderMap::with_capacity(fields.len());
     for field in fields {
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(invalid)?;
@@ -705,6 +727,12 @@ mod tests {
             b"2\r\nhiXX0\r\n\r\n",
             b"11111111111111111\r\n",
             b"\r\n",
+            // Bare LFs and stray CRs, where parsers disagree.
+            b"2\nhi\r\n0\r\n\r\n",
+            b"2\r\r\nhi\r\n0\r\n\r\n",
+            b"2\r\nhi\n0\r\n\r\n",
+            b"2;a\rb\r\nhi\r\n0\r\n\r\n",
+            b"0\r\nx: 1\n\r\ny: 2\r\n\r\n",
         ] {
             let mut body = body_of(Framing::Chunked(Chunked::Size), bad);
             assert!(
@@ -747,6 +775,20 @@ mod tests {
         let (_, keep_alive, _) =
             parse(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", false).unwrap();
         assert!(!keep_alive);
+        let (_, keep_alive, _) = parse(
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert!(keep_alive);
+        assert_eq!(
+            parse(
+                b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                false
+            )
+            .err(),
+            Some("error")
+        );
         let (framing, keep_alive, _) = parse(
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
             false,

@@ -474,7 +474,9 @@ impl ConnPool {
         }
         let sender = match conn.sender {
             Sender::Http1(sender) if !sender.send.is_closed() => Ok(sender),
-            Sender::Raw(Some(stream)) => Err(stream),
+            // Checked as a parked stream is, which also leaves a no-op waker in its read
+            // registration in place of the request's task, that would otherwise stay pinned.
+            Sender::Raw(Some(stream)) if still_quiet(&*stream) => Err(stream),
             _ => return,
         };
         let mut idle = self.lock_idle();
@@ -648,6 +650,10 @@ impl ConnPool {
                 }
             }
         }
+        // A pooled stream the backend closed as the request went out (no answer came) is the
+        // keep-alive race: the request goes again, once, on the next one. A second such close is
+        // the backend's failure, like any other.
+        let mut raced = false;
         while let Some(checkout) = self.checkout(timeouts.idle, upgrade) {
             let (mut sender, fresh) = match checkout {
                 Checkout::Ready(sender) => (sender, false),
@@ -657,8 +663,10 @@ impl ConnPool {
                         .await
                     {
                         Ok(exchanged) => return Ok(exchanged),
-                        // The backend closed it as the request went out: it never saw it.
-                        Err(h1::Failure::Closed(_)) => continue,
+                        Err(h1::Failure::Closed(_)) if !raced => {
+                            raced = true;
+                            continue;
+                        }
                         Err(failure) => return Err(SendError::Failed(self.raw_error(failure))),
                     }
                 }
