@@ -38,8 +38,9 @@ const MAX_TRAILERS: usize = 16 * 1024;
 /// What a read asks for at least: a keep-alive response usually comes whole in one.
 const READ_SIZE: usize = 8 * 1024;
 
-/// Whether `request` can be exchanged here: a GET or HEAD with no body to send.
-pub fn eligible(request: &Request<UpstreamBody>) -> bool {
+/// Whether `request` is a GET or HEAD with no body to send: what
+/// [`super::ConnPool::send_bodiless`] takes.
+pub fn bodiless(request: &Request<UpstreamBody>) -> bool {
     (request.method() == Method::GET || request.method() == Method::HEAD)
         && request.body().upload().is_none()
 }

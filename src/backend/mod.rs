@@ -7,7 +7,7 @@ mod pool;
 mod registry;
 mod state;
 
-pub use h1::ResponseBody;
+pub use h1::{bodiless, ResponseBody};
 pub use pool::{ConnPool, PooledConn, SendError, Stream, Upload, UpstreamBody};
 pub use registry::Registry;
 pub use state::{BackendState, BackendStatus, Drain, DrainOutcome, InFlightGuard, UpgradeGuard};

@@ -393,6 +393,9 @@ pub enum SendError {
         /// Why.
         error: ProxyError,
     },
+    /// Nothing of the request reached the backend; the caller still has it
+    /// ([`ConnPool::send_bodiless`] only borrows it).
+    Unsent(ProxyError),
     /// The request was (maybe partly) sent; it must not be retried.
     Failed(ProxyError),
 }
@@ -617,9 +620,6 @@ impl ConnPool {
         upgrade: bool,
     ) -> Result<(Response<ResponseBody>, PooledConn), SendError> {
         let upload = request.body().upload();
-        // A bodiless GET or HEAD to a plain backend is exchanged without hyper (see `h1`) on a
-        // parked or new connection; a ready hyper connection still takes it.
-        let raw = tls.is_none() && !upgrade && h1::eligible(&request);
         let generation = self.generation.load(Ordering::SeqCst);
         // Only TLS backends can have negotiated h2, so plain ones never take this lock.
         if let (Some(tls), false) = (tls, upgrade) {
@@ -650,26 +650,9 @@ impl ConnPool {
                 }
             }
         }
-        // A pooled stream the backend closed as the request went out (no answer came) is the
-        // keep-alive race: the request goes again, once, on the next one. A second such close is
-        // the backend's failure, like any other.
-        let mut raced = false;
         while let Some(checkout) = self.checkout(timeouts.idle, upgrade) {
             let (mut sender, fresh) = match checkout {
                 Checkout::Ready(sender) => (sender, false),
-                Checkout::Parked(stream) if raw => {
-                    match self
-                        .exchange_raw(stream, &request, timeouts, generation)
-                        .await
-                    {
-                        Ok(exchanged) => return Ok(exchanged),
-                        Err(h1::Failure::Closed(_)) if !raced => {
-                            raced = true;
-                            continue;
-                        }
-                        Err(failure) => return Err(SendError::Failed(self.raw_error(failure))),
-                    }
-                }
                 Checkout::Parked(stream) => {
                     match self.handshake_http1(stream, true, generation).await {
                         Ok(sender) => (sender, true),
@@ -698,9 +681,6 @@ impl ConnPool {
                 Err(SendError::NotSent { request: r, .. }) => request = *r,
                 Err(failed) => return Err(failed),
             }
-        }
-        if raw {
-            return self.connect_raw(request, timeouts, generation).await;
         }
         // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is the largest state this future
         // can be in, and the rarest, so it is kept out of the request's future, which is moved
@@ -752,10 +732,62 @@ impl ConnPool {
         }
     }
 
+    /// Sends a bodiless GET or HEAD ([`h1::bodiless`]) to a plain backend, exchanged without
+    /// hyper (see `h1`) on a parked or new connection, and waits for the response headers. A
+    /// ready connection hyper drives (one that last carried a request with a body) still takes
+    /// it first, as a copy. The request is only borrowed, so the caller can send it again
+    /// without having copied it beforehand.
+    pub async fn send_bodiless(
+        self: &Arc<Self>,
+        request: &Request<UpstreamBody>,
+        timeouts: &Timeouts,
+    ) -> Result<(Response<ResponseBody>, PooledConn), SendError> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        // A pooled stream the backend closed as the request went out (no answer came) is the
+        // keep-alive race: the request goes again, once, on the next one. A second such close is
+        // the backend's failure, like any other.
+        let mut raced = false;
+        while let Some(checkout) = self.checkout(timeouts.idle, false) {
+            match checkout {
+                Checkout::Parked(stream) => {
+                    match self
+                        .exchange_raw(stream, request, timeouts, generation)
+                        .await
+                    {
+                        Ok(exchanged) => return Ok(exchanged),
+                        Err(h1::Failure::Closed(_)) if !raced => raced = true,
+                        Err(failure) => return Err(SendError::Failed(self.raw_error(failure))),
+                    }
+                }
+                Checkout::Ready(mut sender) => {
+                    // As in `send`: ready at once or broken.
+                    if !sender.send.is_ready() {
+                        match tokio::time::timeout(timeouts.connect, sender.send.ready()).await {
+                            Ok(Ok(())) => {}
+                            _ => continue,
+                        }
+                    }
+                    let sending = sender.send.try_send_request(bodiless_copy(request));
+                    match self.exchange(sending, timeouts, &None).await {
+                        Ok(response) => {
+                            return Ok((
+                                response.map(ResponseBody::Hyper),
+                                self.pooled(Sender::Http1(sender), None, timeouts, generation),
+                            ))
+                        }
+                        Err(SendError::NotSent { .. }) => {}
+                        Err(failed) => return Err(failed),
+                    }
+                }
+            }
+        }
+        self.connect_raw(request, timeouts, generation).await
+    }
+
     /// Opens a plain TCP connection and exchanges a bodiless GET or HEAD on it (see `h1`).
     async fn connect_raw(
         &self,
-        request: Request<UpstreamBody>,
+        request: &Request<UpstreamBody>,
         timeouts: &Timeouts,
         generation: u64,
     ) -> Result<(Response<ResponseBody>, PooledConn), SendError> {
@@ -772,14 +804,11 @@ impl ConnPool {
                     Ok(Err(source)) => ProxyError::Connect { backend, source },
                     _ => ProxyError::ConnectTimeout { backend },
                 };
-                return Err(SendError::NotSent {
-                    request: Box::new(request),
-                    error,
-                });
+                return Err(SendError::Unsent(error));
             }
         };
         match self
-            .exchange_raw(Box::new(stream), &request, timeouts, generation)
+            .exchange_raw(Box::new(stream), request, timeouts, generation)
             .await
         {
             Ok(exchanged) => Ok(exchanged),
@@ -1027,6 +1056,16 @@ fn into_http2(request: &mut Request<UpstreamBody>, tls: &UpstreamTls) {
 
 /// Undoes [`into_http2`] for a request that was not sent, so it can go over HTTP/1.1 (to this
 /// backend or, as a retry, to another).
+/// A bodiless request's copy, for a connection hyper drives (which takes the request it sends).
+fn bodiless_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(UpstreamBody::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
 fn into_http1(request: &mut Request<UpstreamBody>) {
     if let Some(authority) = request.uri().authority() {
         if let Ok(host) = HeaderValue::from_str(authority.as_str()) {

@@ -226,16 +226,23 @@ async fn forward(
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
     let wants_cookies = pool.config.strategy == StrategyKind::Cookie;
     let max_body = snapshot.config.limits.max_body_bytes;
-    let (cookies, mut upstream) =
-        upstream_request(request, conn, upgrading, wants_cookies, max_body)?;
+    let (cookies, upstream) = upstream_request(request, conn, upgrading, wants_cookies, max_body)?;
     let facts = RequestFacts {
         client_ip,
         cookies: cookies.as_slice(),
     };
     let retries = pool.config.retries;
-    // A copy to send again after an answer or a failure, kept only for requests that are safe to
-    // repeat and have no body (a body is streamed, never buffered, so it cannot be sent twice).
-    let replay = Replay::of(&upstream, pool);
+    // Whether the request may be sent again after an answer or a failure: safe to repeat, and no
+    // body (a body is streamed, never buffered, so it cannot be sent twice).
+    let replayable = Replay::worth(&upstream, pool);
+    // A bodiless GET or HEAD to a plain backend is only lent to the pool (see
+    // `ConnPool::send_bodiless`), and is at hand to send again; any other request is given to
+    // hyper's client, and a copy to send again is made just before (about 600 instructions,
+    // spared the common case).
+    let bodiless = !upgrading && crate::backend::bodiless(&upstream);
+    let mut replay: Option<Replay> = None;
+    // Some at each attempt: lent, given back unsent, or restored from `replay` for a retry.
+    let mut upstream = Some(upstream);
 
     // Backends tried for this request; allocates only on a second attempt.
     let mut tried: Vec<usize> = Vec::new();
@@ -266,15 +273,36 @@ async fn forward(
             continue;
         }
         let timeouts = &snapshot.config.timeouts;
-        // Kept to tell, if the exchange fails, whether the client's upload was to blame.
-        let upload = upstream.body().upload();
         let tls = member.spec.tls.as_ref();
-        match member
-            .state
-            .pool
-            .send(upstream, timeouts, tls, upgrading)
-            .await
-        {
+        let Some(request) = upstream.take() else {
+            return Err(last_error.unwrap_or_else(|| ProxyError::NoBackend {
+                pool: pool.name().to_owned(),
+            }));
+        };
+        // Kept to tell, if the exchange fails, whether the client's upload was to blame.
+        let upload = request.body().upload();
+        let sent = if bodiless && tls.is_none() {
+            let sent = member.state.pool.send_bodiless(&request, timeouts).await;
+            upstream = Some(request);
+            sent
+        } else {
+            if replayable && replay.is_none() {
+                replay = Some(Replay::of(&request));
+            }
+            let sent = member
+                .state
+                .pool
+                .send(request, timeouts, tls, upgrading)
+                .await;
+            match sent {
+                Err(SendError::NotSent { request, error }) => {
+                    upstream = Some(*request);
+                    Err(SendError::Unsent(error))
+                }
+                sent => sent,
+            }
+        };
+        match sent {
             Ok((mut response, pooled)) => {
                 let status = response.status();
                 // A 5xx is a failure at once, a switch of protocols a success; any other answer
@@ -287,18 +315,17 @@ async fn forward(
                     status,
                     StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
                 ) && retried < retries
+                    && replayable
                 {
-                    if let Some(replay) = &replay {
-                        tried.push(choice.index);
-                        next = pool.choose(&facts, &tried);
-                        if next.is_some() {
-                            // The answer and its connection are dropped unread.
-                            retried += 1;
-                            pool.metrics.retry();
-                            tracing::debug!(backend = %member.spec.address, %status, "retrying on another backend");
-                            upstream = replay.request();
-                            continue;
-                        }
+                    tried.push(choice.index);
+                    next = pool.choose(&facts, &tried);
+                    if next.is_some() {
+                        // The answer and its connection are dropped unread.
+                        retried += 1;
+                        pool.metrics.retry();
+                        tracing::debug!(backend = %member.spec.address, %status, "retrying on another backend");
+                        restore(&mut upstream, &replay);
+                        continue;
                     }
                 }
                 let switching = status == StatusCode::SWITCHING_PROTOCOLS;
@@ -356,7 +383,7 @@ async fn forward(
                     }
                 }));
             }
-            Err(SendError::NotSent { request, error }) => {
+            Err(SendError::NotSent { error, .. } | SendError::Unsent(error)) => {
                 if matches!(
                     error,
                     ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }
@@ -376,7 +403,6 @@ async fn forward(
                 retried += 1;
                 pool.metrics.retry();
                 tracing::debug!(error = %error, "retrying on another backend");
-                upstream = *request;
                 last_error = Some(error);
             }
             Err(SendError::Failed(error)) => {
@@ -409,9 +435,9 @@ async fn forward(
                     error,
                     ProxyError::Upstream { .. } | ProxyError::UpstreamIo { .. }
                 );
-                let (Some(replay), true, true) = (&replay, broken, retried < retries) else {
+                if !(replayable && broken && retried < retries) {
                     return Err(error);
-                };
+                }
                 tried.push(choice.index);
                 next = pool.choose(&facts, &tried);
                 if next.is_none() {
@@ -420,7 +446,7 @@ async fn forward(
                 retried += 1;
                 pool.metrics.retry();
                 tracing::debug!(error = %error, "retrying on another backend");
-                upstream = replay.request();
+                restore(&mut upstream, &replay);
                 last_error = Some(error);
             }
         }
@@ -435,10 +461,17 @@ struct Replay {
     headers: http::HeaderMap,
 }
 
+/// Puts the request back for another attempt, from its copy if hyper's client took it.
+fn restore(upstream: &mut Option<Request<UpstreamBody>>, replay: &Option<Replay>) {
+    if upstream.is_none() {
+        *upstream = replay.as_ref().map(Replay::request);
+    }
+}
+
 impl Replay {
-    /// A copy of `request` if it may be sent again on another backend: an idempotent method
-    /// (RFC 9110 §9.2.2), no body, and a pool with retries and another backend to use them on.
-    fn of(request: &Request<UpstreamBody>, pool: &Pool) -> Option<Replay> {
+    /// Whether `request` may be sent again on another backend: an idempotent method (RFC 9110
+    /// §9.2.2), no body, and a pool with retries and another backend to use them on.
+    fn worth(request: &Request<UpstreamBody>, pool: &Pool) -> bool {
         let idempotent = matches!(
             *request.method(),
             http::Method::GET
@@ -449,11 +482,16 @@ impl Replay {
                 | http::Method::DELETE
         );
         let worth_it = pool.config.retries > 0 && pool.members.len() > 1;
-        (idempotent && worth_it && request.body().upload().is_none()).then(|| Replay {
+        idempotent && worth_it && request.body().upload().is_none()
+    }
+
+    /// A copy of `request`, which [`Replay::worth`] allowed.
+    fn of(request: &Request<UpstreamBody>) -> Replay {
+        Replay {
             method: request.method().clone(),
             uri: request.uri().clone(),
             headers: request.headers().clone(),
-        })
+        }
     }
 
     fn request(&self) -> Request<UpstreamBody> {
