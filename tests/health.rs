@@ -498,6 +498,35 @@ async fn get_is_retried_on_another_backend_after_a_503_but_post_with_a_body_is_n
     );
 }
 
+/// A bodiless request other than a GET or HEAD goes through hyper's client, which takes the
+/// request it sends: a DELETE is idempotent, and its retry after a 503 is sent from the copy made
+/// before it went out.
+#[tokio::test]
+async fn a_bodiless_delete_is_retried_from_its_copy() {
+    let (bad, good) = (Flaky::start("bad").await, Flaky::start("good").await);
+    bad.answer(503);
+    let (_server, proxy) = proxy(&one_pool(
+        "round_robin",
+        &addrs(&[&bad, &good]),
+        "[pools.app.passive]\nenabled = false",
+    ))
+    .await;
+    let client = client();
+    for _ in 0..4 {
+        let reply = send(&client, proxy, "DELETE", "/item/7", &[], Bytes::new()).await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.backend()),
+            (200, "good".into())
+        );
+    }
+    assert_eq!(
+        bad.requests(),
+        4,
+        "each DELETE met bad first, then went to good"
+    );
+    assert_eq!(good.requests(), 4);
+}
+
 #[tokio::test]
 async fn retries_zero_passes_the_backends_answer_through() {
     let (bad, good) = (Flaky::start("bad").await, Flaky::start("good").await);

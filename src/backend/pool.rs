@@ -1054,8 +1054,6 @@ fn into_http2(request: &mut Request<UpstreamBody>, tls: &UpstreamTls) {
     *request.version_mut() = Version::HTTP_2;
 }
 
-/// Undoes [`into_http2`] for a request that was not sent, so it can go over HTTP/1.1 (to this
-/// backend or, as a retry, to another).
 /// A bodiless request's copy, for a connection hyper drives (which takes the request it sends).
 fn bodiless_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     let mut copy = Request::new(UpstreamBody::empty());
@@ -1066,6 +1064,8 @@ fn bodiless_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     copy
 }
 
+/// Undoes [`into_http2`] for a request that was not sent, so it can go over HTTP/1.1 (to this
+/// backend or, as a retry, to another).
 fn into_http1(request: &mut Request<UpstreamBody>) {
     if let Some(authority) = request.uri().authority() {
         if let Ok(host) = HeaderValue::from_str(authority.as_str()) {

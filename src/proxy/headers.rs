@@ -339,6 +339,29 @@ mod tests {
     }
 
     #[test]
+    fn connection_names_are_matched_in_any_case_across_repeated_headers() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("X-Secret"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, X-Other"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("2"));
+        h.insert("x-keep", HeaderValue::from_static("3"));
+        let mut upgrading = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep"]);
+        strip_hop_by_hop(&mut upgrading, true);
+        let mut names: Vec<_> = upgrading.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["connection", "upgrade", "x-keep"]);
+        assert_eq!(upgrading[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
     fn connection_cannot_name_host_away() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("a.example"));

@@ -274,6 +274,10 @@ async fn forward(
         }
         let timeouts = &snapshot.config.timeouts;
         let tls = member.spec.tls.as_ref();
+        debug_assert!(
+            upstream.is_some(),
+            "the request is at hand for every attempt"
+        );
         let Some(request) = upstream.take() else {
             return Err(last_error.unwrap_or_else(|| ProxyError::NoBackend {
                 pool: pool.name().to_owned(),
