@@ -127,32 +127,53 @@ async fn connection_with_unfinished_upload_is_not_reused() {
     drop(client);
 }
 
-/// A backend that answers one request per connection with `200 ok`, keep-alive, then closes the
-/// connection `linger` later (as a backend's own idle timeout does); counts connections.
-async fn closing_backend(linger: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
+/// Accepts connections on a loopback port, counting them, and serves each with `serve`.
+async fn counting_backend<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&connections);
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
+        while let Ok((s, _)) = listener.accept().await {
             counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                let _ = s.write_all(ok).await;
-                tokio::time::sleep(linger).await;
-            });
+            tokio::spawn(serve(s));
         }
     });
-    (a, connections)
+    (addr, connections)
+}
+
+/// Reads from `s` into `buf` until `buf` holds a whole request head, takes the head off `buf`,
+/// and returns its first line; None once the client closes.
+async fn next_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head: Vec<u8> = buf.drain(..end + 4).collect();
+            let line = String::from_utf8_lossy(&head).lines().next()?.to_owned();
+            return Some(line);
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A backend that answers one request per connection with `200 ok`, keep-alive, then closes the
+/// connection `linger` later (as a backend's own idle timeout does); counts connections.
+async fn closing_backend(linger: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    counting_backend(move |mut s| async move {
+        if next_head(&mut s, &mut Vec::new()).await.is_some() {
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            let _ = s.write_all(ok).await;
+            tokio::time::sleep(linger).await;
+        }
+    })
+    .await
 }
 
 /// The keep-alive race: a pooled connection the backend closed while it sat idle is found closed
@@ -529,80 +550,60 @@ async fn an_idle_upstream_connection_is_closed_after_idle_without_traffic() {
 /// A keep-alive backend that answers each request by its path, with response framings the demo
 /// app never uses, over as many requests per connection as the proxy sends; counts connections.
 async fn framing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&connections);
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end + 4);
-                    let line = head.lines().next().unwrap_or_default().to_owned();
-                    let parts: Vec<&[u8]> = match line.as_str() {
-                        "GET /length HTTP/1.1" => {
-                            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]
-                        }
-                        "HEAD /length HTTP/1.1" => {
-                            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]
-                        }
-                        "GET /chunked HTTP/1.1" => vec![
-                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n",
-                            b"6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
-                        ],
-                        "GET /early-hints HTTP/1.1" => vec![
-                            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n",
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-                        ],
-                        "GET /in-pieces HTTP/1.1" => vec![
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nab",
-                            b"cdefghij",
-                        ],
-                        "GET /no-content HTTP/1.1" => vec![b"HTTP/1.1 204 No Content\r\n\r\n"],
-                        "GET /then-close HTTP/1.1" => {
-                            vec![b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbye"]
-                        }
-                        "GET /until-close HTTP/1.1" => {
-                            vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"]
-                        }
-                        "GET /?x=1 HTTP/1.1" => {
-                            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslash"]
-                        }
-                        "GET /both HTTP/1.1" => vec![
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-                        ],
-                        "GET /too-long HTTP/1.1" => {
-                            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA"]
-                        }
-                        _ => vec![b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"],
-                    };
-                    for (i, part) in parts.iter().enumerate() {
-                        if i > 0 {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        if s.write_all(part).await.is_err() {
-                            return;
-                        }
-                    }
-                    if line.contains("close") || line.contains("too-long") {
-                        return;
-                    }
+    counting_backend(|mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(line) = next_head(&mut s, &mut buf).await {
+            let parts: Vec<&[u8]> = match line.as_str() {
+                "GET /length HTTP/1.1" => {
+                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]
                 }
-            });
+                "HEAD /length HTTP/1.1" => {
+                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]
+                }
+                "GET /chunked HTTP/1.1" => vec![
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n",
+                    b"6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+                ],
+                "GET /early-hints HTTP/1.1" => vec![
+                    b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                ],
+                "GET /in-pieces HTTP/1.1" => vec![
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nab",
+                    b"cdefghij",
+                ],
+                "GET /no-content HTTP/1.1" => vec![b"HTTP/1.1 204 No Content\r\n\r\n"],
+                "GET /then-close HTTP/1.1" => {
+                    vec![b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbye"]
+                }
+                "GET /until-close HTTP/1.1" => {
+                    vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"]
+                }
+                "GET /?x=1 HTTP/1.1" => {
+                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslash"]
+                }
+                "GET /both HTTP/1.1" => vec![
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                ],
+                "GET /too-long HTTP/1.1" => {
+                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA"]
+                }
+                _ => vec![b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"],
+            };
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if s.write_all(part).await.is_err() {
+                    return;
+                }
+            }
+            if line.contains("close") || line.contains("too-long") {
+                return;
+            }
         }
-    });
-    (addr, connections)
+    })
+    .await
 }
 
 /// Bodiless GETs and HEADs to a plain HTTP/1.1 backend are exchanged without hyper's client
@@ -708,40 +709,19 @@ async fn chunked_trailers_from_a_plain_backend_reach_the_client() {
 /// sent together each open one) and closes the connection, unanswered, on any later one: every
 /// reuse of its connections meets the keep-alive race.
 async fn one_answer_backend(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&connections);
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let mut answered = false;
-                loop {
-                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        if answered {
-                            return;
-                        }
-                        buf.drain(..end + 4);
-                        tokio::time::sleep(delay).await;
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if s.write_all(ok).await.is_err() {
-                            return;
-                        }
-                        answered = true;
-                        continue;
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
+    counting_backend(move |mut s| async move {
+        let mut buf = Vec::new();
+        if next_head(&mut s, &mut buf).await.is_none() {
+            return;
         }
-    });
-    (addr, connections)
+        tokio::time::sleep(delay).await;
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        if s.write_all(ok).await.is_ok() {
+            // The next request is read, and the connection dropped without an answer.
+            let _ = next_head(&mut s, &mut buf).await;
+        }
+    })
+    .await
 }
 
 /// A pooled connection the backend closes as a GET goes out on it (no answer came) costs the
