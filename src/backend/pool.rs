@@ -10,6 +10,10 @@
 //! reuses the warm ones first (the lists are LIFO). A sweep every `SWEEP_EVERY` parks, closes
 //! parked streams the backend closed or wrote to, and expires connections idle for
 //! `timeouts.idle`, with or without traffic.
+//!
+//! A bodiless GET or HEAD to a plain backend ([`ConnPool::send_bodiless`]) is exchanged without
+//! hyper (see `h1`), on a parked stream or a new one; its stream, which no task drives, is parked
+//! again as soon as its response has been read to the end.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
