@@ -598,7 +598,10 @@ async fn framing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                     return;
                 }
             }
-            if line.contains("close") || line.contains("too-long") {
+            // Only a body delimited by the close ends the connection here: after the answers
+            // that forbid reuse (`Connection: close`, bytes past the body, both framings) it
+            // stays open, so that only the proxy's own refusal keeps it out of the pool.
+            if line.contains("until-close") {
                 return;
             }
         }

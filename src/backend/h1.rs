@@ -19,7 +19,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::io::{AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
+use tokio_util::io::poll_read_buf;
 
 use super::pool::Stream;
 use super::UpstreamBody;
@@ -109,20 +110,16 @@ pub async fn exchange(
         if buf.capacity() - buf.len() < READ_SIZE / 2 {
             buf.reserve(READ_SIZE);
         }
-        let n = std::future::poll_fn(|cx| poll_read_buf(&mut *stream, cx, &mut buf))
+        let read = std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut *stream), cx, &mut buf))
             .await
-            .map_err(|e| {
-                if answered {
-                    Failure::Broken(e)
-                } else {
-                    Failure::Closed(e)
-                }
-            })?;
-        if n == 0 {
-            let error = io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "backend closed the connection",
-            );
+            .and_then(|n| match n {
+                0 => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "backend closed the connection",
+                )),
+                n => Ok(n),
+            });
+        if let Err(error) = read {
             return Err(if answered {
                 Failure::Broken(error)
             } else {
@@ -341,21 +338,6 @@ fn invalid(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Er
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
-/// Reads once into `buf`'s spare room; the byte count (0 at the end of the stream).
-fn poll_read_buf(
-    stream: &mut dyn Stream,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
-    let spare = buf.spare_capacity_mut();
-    let mut read = ReadBuf::uninit(spare);
-    ready!(Pin::new(stream).poll_read(cx, &mut read))?;
-    let n = read.filled().len();
-    // SAFETY: `poll_read` initialised the first `n` bytes of the spare room.
-    unsafe { buf.set_len(buf.len() + n) };
-    Poll::Ready(Ok(n))
-}
-
 /// How a body ends.
 #[derive(Debug)]
 enum Framing {
@@ -508,7 +490,7 @@ impl RawBody {
             if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
                 self.buf.reserve(READ_SIZE);
             }
-            match ready!(poll_read_buf(stream, cx, &mut self.buf)) {
+            match ready!(poll_read_buf(Pin::new(stream), cx, &mut self.buf)) {
                 Ok(0) if matches!(self.framing, Framing::Close) => {
                     self.done = true;
                     self.stream = None;
