@@ -558,6 +558,10 @@ fn upstream_request(
     headers::strip_hop_by_hop(&mut parts.headers, upgrading);
     headers::strip_proxy_credentials(&mut parts.headers);
     let host = parts.headers.get(header::HOST).cloned();
+    // Room for the three forwarding headers at once: a new connection's map is sized to the
+    // client's headers, and growing it one insert at a time cost two rehashes (callgrind: about
+    // 900 instructions per new connection). Kept-alive connections reuse a larger map: a no-op.
+    parts.headers.reserve(3);
     // Each hop appends the peer it talked to, not the client it resolved for hashing.
     headers::set_forwarded(&mut parts.headers, &conn.peer_ip, conn.proto, host.as_ref());
     Ok((
