@@ -582,7 +582,7 @@ async fn framing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                 "GET /?x=1 HTTP/1.1" => {
                     vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslash"]
                 }
-                "GET /both HTTP/1.1" => vec![
+                "GET /both HTTP/1.1" | "POST /both HTTP/1.1" => vec![
                     b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
                 ],
                 "GET /too-long HTTP/1.1" => {
@@ -683,6 +683,34 @@ async fn bodiless_requests_keep_one_backend_connection_through_every_framing() {
         assert_eq!(get(proxy, "/length", &[]).await.body, "hello");
         expected += 1;
         assert_eq!(connections.load(Ordering::SeqCst), expected, "{path}");
+    }
+}
+
+/// A response framed both ways reaches the client by its chunked body, without the stale
+/// Content-Length, on hyper's path (a POST) as on switchyard's own (a GET): RFC 9112 §6.3 has an
+/// intermediary drop the length, and a client given both could wait for bytes that never come.
+#[tokio::test]
+async fn a_content_length_beside_transfer_encoding_is_dropped_on_every_path() {
+    let (backend, _) = framing_backend().await;
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
+    let client = client();
+    for method in ["POST", "GET"] {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            send(&client, proxy, method, "/both", &[], Bytes::new()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{method}: no whole answer within 5s"));
+        assert_eq!(
+            (reply.status.as_u16(), reply.body.as_str()),
+            (200, "hello"),
+            "{method}"
+        );
+        assert!(
+            !reply.headers.contains_key("content-length"),
+            "{method}: {:?}",
+            reply.headers
+        );
     }
 }
 

@@ -41,6 +41,15 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Removes a response's `Content-Length` when a `Transfer-Encoding` came beside it. The encoding
+/// frames the body (RFC 9112 §6.3) and is itself hop-by-hop, so the body goes on re-framed; the
+/// length, passed on, would tell the client to wait for bytes that never come.
+pub fn drop_length_beside_encoding(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
 /// Removes hop-by-hop headers: `Connection`, every header it names, and the fixed list. With
 /// `upgrading`, `Upgrade` and `Connection: upgrade` are kept so the handshake reaches the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
