@@ -689,15 +689,15 @@ async fn bodiless_requests_keep_one_backend_connection_through_every_framing() {
 /// A response framed both ways reaches the client by its chunked body, without the stale
 /// Content-Length, on hyper's path (a POST) as on switchyard's own (a GET): RFC 9112 §6.3 has an
 /// intermediary drop the length, and a client given both could wait for bytes that never come.
+/// Each method gets a proxy of its own: a GET finding a connection hyper drives would take it.
 #[tokio::test]
 async fn a_content_length_beside_transfer_encoding_is_dropped_on_every_path() {
-    let (backend, _) = framing_backend().await;
-    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
-    let client = client();
-    for method in ["POST", "GET"] {
+    for method in ["GET", "POST"] {
+        let (backend, _) = framing_backend().await;
+        let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
         let reply = tokio::time::timeout(
             Duration::from_secs(5),
-            send(&client, proxy, method, "/both", &[], Bytes::new()),
+            send(&client(), proxy, method, "/both", &[], Bytes::new()),
         )
         .await
         .unwrap_or_else(|_| panic!("{method}: no whole answer within 5s"));
@@ -711,6 +711,42 @@ async fn a_content_length_beside_transfer_encoding_is_dropped_on_every_path() {
             "{method}: {:?}",
             reply.headers
         );
+    }
+}
+
+/// A backend's own reason phrase reaches the client as it was sent, an empty one included, on
+/// hyper's path (a POST) as on switchyard's own (a GET), each through a proxy of its own.
+#[tokio::test]
+async fn the_backends_reason_phrase_is_passed_on_as_sent() {
+    for (answer, line) in [
+        (
+            &b"HTTP/1.1 203 Fine Thanks\r\ncontent-length: 2\r\n\r\nok"[..],
+            "HTTP/1.1 203 Fine Thanks\r\n",
+        ),
+        (
+            b"HTTP/1.1 200 \r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 200 \r\n",
+        ),
+        (
+            b"HTTP/1.1 299 \r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 299 \r\n",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\n",
+        ),
+    ] {
+        for method in ["GET", "POST"] {
+            let (backend, _task) = raw_backend(answer).await;
+            let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
+            let request = format!("{method} / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+            let reply = raw_exchange(proxy, request.as_bytes()).await;
+            assert!(reply.starts_with(line), "{method}, {line:?}: {reply:?}");
+            assert!(
+                reply.ends_with("\r\n\r\nok"),
+                "{method}, {line:?}: {reply:?}"
+            );
+        }
     }
 }
 

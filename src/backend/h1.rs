@@ -169,11 +169,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     } else {
         Version::HTTP_10
     };
+    // Kept unless canonical, an empty one too, as hyper's client keeps it: the client then sees
+    // the backend's status line on either path.
     let reason = parsed.reason.unwrap_or("").as_bytes();
-    let reason = (!reason.is_empty()
-        && status.canonical_reason().map(str::as_bytes) != Some(reason))
-    .then(|| hyper::ext::ReasonPhrase::try_from(reason.to_vec()).ok())
-    .flatten();
+    let reason = (status.canonical_reason().map(str::as_bytes) != Some(reason))
+        .then(|| hyper::ext::ReasonPhrase::try_from(reason.to_vec()).ok())
+        .flatten();
     // The fields that decide the framing are read here, from the bytes, rather than looked up in
     // the map afterwards (each lookup hashes its name).
     let mut delimiting = Delimiting::default();
