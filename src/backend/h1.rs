@@ -184,15 +184,27 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| Failure::Broken(invalid("invalid header name")))?;
-        delimiting.note(&name, field.value)?;
+        delimiting.note(&name, field.value);
         let start = field.value.as_ptr() as usize - base;
         spans.push((name, start, start + field.value.len()));
     }
-    if delimiting.transfer_encoding && version == Version::HTTP_10 {
-        // An HTTP/1.0 peer cannot chunk (RFC 9112 §6.1); hyper refuses it too.
-        return Err(Failure::Broken(invalid(
-            "transfer-encoding in an HTTP/1.0 response",
-        )));
+    // A response without a body is framed by what it answers (RFC 9112 §6.3, rule 1 before the
+    // others): its framing fields are not checked, as hyper's client does not check them.
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if !bodiless {
+        if delimiting.transfer_encoding && version == Version::HTTP_10 {
+            // An HTTP/1.0 peer cannot chunk (RFC 9112 §6.1); hyper refuses it too.
+            return Err(Failure::Broken(invalid(
+                "transfer-encoding in an HTTP/1.0 response",
+            )));
+        }
+        // A Transfer-Encoding overrides any Content-Length, valid or not (§6.3, rule 3).
+        if let (Some(error), false) = (delimiting.length_error, delimiting.transfer_encoding) {
+            return Err(Failure::Broken(invalid(error)));
+        }
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
@@ -206,10 +218,6 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             .map_err(|_| Failure::Broken(invalid("invalid header value")))?;
         headers.append(name, value);
     }
-    let bodiless = head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
     let framing = if bodiless {
         Framing::Length(0)
     } else if delimiting.transfer_encoding {
@@ -228,7 +236,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     let closes = (version != Version::HTTP_11 && !delimiting.keep_alive)
         || delimiting.close
         || matches!(framing, Framing::Close)
-        || (delimiting.transfer_encoding && delimiting.length.is_some());
+        || (delimiting.transfer_encoding && delimiting.content_length);
     let keep_alive = !closes;
     let mut response = Response::new(());
     *response.status_mut() = status;
@@ -252,8 +260,13 @@ struct Delimiting {
     transfer_encoding: bool,
     /// The last transfer coding is `chunked`.
     chunked_last: bool,
+    /// A `Content-Length` field came.
+    content_length: bool,
     /// The `Content-Length`, every value of which must agree.
     length: Option<u64>,
+    /// Why the `Content-Length` cannot be used, if it cannot: an error only where it frames the
+    /// body.
+    length_error: Option<&'static str>,
     /// `Connection: close`.
     close: bool,
     /// `Connection: keep-alive`, which an HTTP/1.0 response needs to be followed by another.
@@ -261,17 +274,21 @@ struct Delimiting {
 }
 
 impl Delimiting {
-    fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), Failure> {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
         if name == header::TRANSFER_ENCODING {
             self.transfer_encoding = true;
             let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
             self.chunked_last = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
         } else if name == header::CONTENT_LENGTH {
+            self.content_length = true;
             for part in value.split(|&b| b == b',') {
-                let n = parse_decimal(part.trim_ascii())
-                    .ok_or_else(|| Failure::Broken(invalid("invalid content-length")))?;
+                let Some(n) = parse_decimal(part.trim_ascii()) else {
+                    self.length_error.get_or_insert("invalid content-length");
+                    continue;
+                };
                 if self.length.is_some_and(|l| l != n) {
-                    return Err(Failure::Broken(invalid("conflicting content-length")));
+                    self.length_error
+                        .get_or_insert("conflicting content-length");
                 }
                 self.length = Some(n);
             }
@@ -281,19 +298,22 @@ impl Delimiting {
                 self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         }
-        Ok(())
     }
 }
 
-/// A Content-Length: decimal digits only, no sign, no overflow.
+/// A Content-Length: decimal digits only, no sign, at most hyper's largest length (it keeps the
+/// two values above for its own use), so that both paths refuse the same answers.
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() {
         return None;
     }
-    digits.iter().try_fold(0u64, |n, &d| {
-        let digit = (d as char).to_digit(10)?;
-        n.checked_mul(10)?.checked_add(u64::from(digit))
-    })
+    digits
+        .iter()
+        .try_fold(0u64, |n, &d| {
+            let digit = (d as char).to_digit(10)?;
+            n.checked_mul(10)?.checked_add(u64::from(digit))
+        })
+        .filter(|&n| n <= u64::MAX - 2)
 }
 
 /// The response, with its body: whole if it came with the head, else streamed from the stream.
@@ -619,14 +639,16 @@ impl RawBody {
     }
 }
 
-/// A chunk size: hexadecimal digits, at most 16 of them.
+/// A chunk size: hexadecimal digits, no more than a `u64` holds.
 fn parse_hex(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 16 {
+    if digits.is_empty() {
         return None;
     }
+    // Bounded by overflow, not by digits: leading zeros are allowed (`1*HEXDIG`), and the line
+    // itself by `MAX_CHUNK_LINE`.
     digits.iter().try_fold(0u64, |n, &d| {
         let digit = (d as char).to_digit(16)?;
-        Some((n << 4) | u64::from(digit))
+        n.checked_mul(16)?.checked_add(u64::from(digit))
     })
 }
 
@@ -727,16 +749,18 @@ mod tests {
         }
     }
 
+    /// A response head's framing, reuse, and the bytes left after the head.
+    fn parse(head: &[u8], head_request: bool) -> Result<(Framing, bool, usize), &'static str> {
+        let mut buf = BytesMut::from(head);
+        match parse_head(&mut buf, head_request) {
+            Ok(Some(parsed)) => Ok((parsed.framing, parsed.keep_alive, buf.len())),
+            Ok(None) => Err("partial"),
+            Err(_) => Err("error"),
+        }
+    }
+
     #[test]
     fn response_heads_set_framing_and_reuse() {
-        let parse = |head: &[u8], head_request| {
-            let mut buf = BytesMut::from(head);
-            match parse_head(&mut buf, head_request) {
-                Ok(Some(parsed)) => Ok((parsed.framing, parsed.keep_alive, buf.len())),
-                Ok(None) => Err("partial"),
-                Err(_) => Err("error"),
-            }
-        };
         let (framing, keep_alive, rest) =
             parse(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc", false).unwrap();
         assert!(matches!(framing, Framing::Length(3)) && keep_alive && rest == 3);
@@ -799,5 +823,62 @@ mod tests {
             parse(b"HTTP/1.1 2000 OK\r\n\r\n", false).err(),
             Some("error")
         );
+    }
+
+    /// An answer without a body is framed by what it answers, whatever its framing fields say,
+    /// and a Transfer-Encoding overrides any Content-Length, even an unreadable one: hyper's
+    /// client reads them so, and both paths must refuse the same answers.
+    #[test]
+    fn framing_fields_are_checked_only_where_they_frame_a_body() {
+        for (head, head_request) in [
+            (&b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n"[..], true),
+            (
+                b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                true,
+            ),
+            (
+                b"HTTP/1.0 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n",
+                false,
+            ),
+            (
+                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 1, 2\r\n\r\n",
+                false,
+            ),
+        ] {
+            let framing = parse(head, head_request).map(|(framing, ..)| framing);
+            assert!(
+                matches!(framing, Ok(Framing::Length(0))),
+                "{:?}: {framing:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: abc\r\n\r\n"[..],
+        );
+        let parsed = parse_head(&mut buf, false).unwrap().unwrap();
+        assert!(matches!(parsed.framing, Framing::Chunked(_)) && !parsed.keep_alive);
+        assert!(!parsed.response.headers().contains_key("content-length"));
+        // Where the length frames the body, it is still checked.
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n", false).err(),
+            Some("error")
+        );
+    }
+
+    /// Lengths as hyper bounds them: a Content-Length up to `u64::MAX - 2`, a chunk size up to
+    /// what a `u64` holds, with any number of leading zeros.
+    #[test]
+    fn lengths_are_bounded_as_hyper_bounds_them() {
+        assert_eq!(parse_decimal(b"18446744073709551613"), Some(u64::MAX - 2));
+        assert_eq!(parse_decimal(b"18446744073709551614"), None);
+        assert_eq!(parse_decimal(b"18446744073709551616"), None);
+        assert_eq!(parse_hex(b"00000000000000005"), Some(5));
+        assert_eq!(parse_hex(b"ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(parse_hex(b"10000000000000000"), None);
+        let mut body = body_of(
+            Framing::Chunked(Chunked::Size),
+            b"00000000000000005\r\nhello\r\n0\r\n\r\n",
+        );
+        assert_eq!(decode_all(&mut body).unwrap().0, b"hello");
     }
 }
