@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::backend::{BackendState, BackendStatus, DrainOutcome};
-use crate::config::{Config, ConfigErrors, UpstreamTls};
+use crate::config::{Config, ConfigErrors};
 use crate::discovery::{self, Answer};
 use crate::drain;
 use crate::server::Server;
@@ -223,23 +223,6 @@ pub(crate) fn warn_generated_secret(pool: &str) {
         "cookie secret generated at random: affinity cookies will not survive a restart and \
          other switchyard instances will not accept them; set `secret` or `secret_env` to share one"
     );
-}
-
-/// Addresses whose TLS settings differ between `old` and `new` (both naming them).
-fn tls_changed(old: &Config, new: &Config) -> Vec<SocketAddr> {
-    let settings = |config: &Config| -> BTreeMap<SocketAddr, Option<UpstreamTls>> {
-        config
-            .pools
-            .values()
-            .flat_map(|p| p.backends.iter().map(|b| (b.address, b.tls.clone())))
-            .collect()
-    };
-    let before = settings(old);
-    settings(new)
-        .into_iter()
-        .filter(|(address, tls)| before.get(address).is_some_and(|old| old != tls))
-        .map(|(address, _)| address)
-        .collect()
 }
 
 fn all_backends(config: &Config) -> BTreeSet<SocketAddr> {
@@ -476,12 +459,8 @@ impl Server {
                 drain::return_to_config(&state);
             }
         }
-        // Connections made under the old TLS settings (or without TLS) are not reused.
-        for address in tls_changed(&old.config, &snapshot.config) {
-            if let Some(state) = registry.get(address) {
-                state.pool.clear();
-            }
-        }
+        // Connections made under the old TLS settings (or without TLS) were let go of by
+        // `Snapshot::build`, before this store (`ConnPool::use_tls`).
         self.shared().snapshot.store(Arc::new(snapshot));
         // A backend new to the config starts cold: ramp it up where its pool asks for slow start.
         let old_addresses = all_backends(&old.config);

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::backend::Registry;
 use crate::balance::{self, Candidates, Choice, Member, RequestFacts, Strategy};
-use crate::config::{Config, PoolConfig};
+use crate::config::{Config, PoolConfig, UpstreamTls};
 use crate::health::Monitor;
 use crate::metrics::{MemberMetrics, Metrics, PoolMetrics};
 
@@ -97,9 +97,16 @@ impl Snapshot {
                 let mut members: Vec<Member> = pool_config
                     .backends
                     .iter()
-                    .map(|spec| Member {
-                        spec: spec.clone(),
-                        state: registry.get_or_create(spec.address),
+                    .map(|spec| {
+                        let state = registry.get_or_create(spec.address);
+                        // Before the snapshot is published: a backend whose TLS settings changed
+                        // closes its idle connections, and pools none made under the old ones.
+                        let tls_id = spec.tls.as_ref().map_or(0, UpstreamTls::settings_id);
+                        state.pool.use_tls(tls_id);
+                        Member {
+                            spec: spec.clone(),
+                            state,
+                        }
                     })
                     .collect();
                 let active = members.len();

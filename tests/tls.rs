@@ -452,6 +452,50 @@ async fn https_backend_gets_sni_and_one_multiplexed_http2_connection() {
     assert_eq!(seen[0].uri.path_and_query().unwrap().as_str(), "/one?x=1");
 }
 
+/// A reload that changes a backend's TLS settings (here what its `ca` file holds) closes the
+/// connections made under the old ones, and the next request opens one under the new; a reload
+/// that changes nothing keeps them.
+#[tokio::test]
+async fn a_reload_that_changes_a_backends_tls_settings_reconnects() {
+    let pki = Pki::new();
+    let (port, seen) = https_backend(&pki, &[b"http/1.1"]).await;
+    let ca = pki.dir.path().join("backend-ca.pem");
+    std::fs::copy(pki.ca_file(), &ca).unwrap();
+    let server = start(pki.dir.path(), &https_pool(port, Some(&ca), "")).await;
+    let proxy = server.listen_addrs()[0];
+    let client = client();
+    let connection_of_next = || async {
+        let reply = send(&client, proxy, "GET", "/", &[], Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        seen.lock().unwrap().last().unwrap().connection
+    };
+    assert_eq!(connection_of_next().await, 0);
+    assert_eq!(connection_of_next().await, 0, "kept alive");
+
+    // The same CA and one more: the file's fingerprint, so the settings, change.
+    let mut pem = std::fs::read(pki.ca_file()).unwrap();
+    pem.extend(std::fs::read(Pki::new().ca_file()).unwrap());
+    std::fs::write(&ca, pem).unwrap();
+    server.reload_from_file().await.expect("reload succeeds");
+    assert_eq!(
+        connection_of_next().await,
+        1,
+        "a new connection after the change"
+    );
+    assert_eq!(
+        connection_of_next().await,
+        1,
+        "kept alive under the new settings"
+    );
+
+    server.reload_from_file().await.expect("reload succeeds");
+    assert_eq!(
+        connection_of_next().await,
+        1,
+        "an unchanged reload keeps it"
+    );
+}
+
 #[tokio::test]
 async fn https_backend_speaking_http11_keeps_its_connections_alive() {
     let pki = Pki::new();

@@ -554,7 +554,7 @@ async fn framing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
         let mut buf = Vec::new();
         while let Some(line) = next_head(&mut s, &mut buf).await {
             let parts: Vec<&[u8]> = match line.as_str() {
-                "GET /length HTTP/1.1" => {
+                "GET /length HTTP/1.1" | "POST /length HTTP/1.1" => {
                     vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]
                 }
                 "HEAD /length HTTP/1.1" => {
@@ -712,6 +712,47 @@ async fn a_content_length_beside_transfer_encoding_is_dropped_on_every_path() {
             reply.headers
         );
     }
+}
+
+/// A request routed under TLS settings the backend no longer has (a reload changed them between
+/// its routing and its send) uses its connection once: pooled, it would carry later requests over
+/// settings the config no longer names. `use_tls` is what a reload's snapshot build calls before
+/// the snapshot is published; the one published here still says plain TCP, as the old one would.
+#[tokio::test]
+async fn connections_made_under_tls_settings_the_backend_no_longer_has_are_not_pooled() {
+    let (backend, connections) = framing_backend().await;
+    let (server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
+    let state = server.shared().registry.get(backend).unwrap();
+    let client = client();
+    let pooled = || state.pool.idle_connections();
+    assert_eq!(get(proxy, "/length", &[]).await.body, "hello");
+    wait_until("the connection is parked", || pooled() == (0, 1)).await;
+
+    state.pool.use_tls(42);
+    assert_eq!(
+        pooled(),
+        (0, 0),
+        "the idle connection is closed at the change"
+    );
+    for (i, method) in ["GET", "POST", "GET"].into_iter().enumerate() {
+        let reply = send(&client, proxy, method, "/length", &[], Bytes::new()).await;
+        assert_eq!((reply.status.as_u16(), reply.body.as_str()), (200, "hello"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pooled(), (0, 0), "{method} left its connection in the pool");
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            i + 2,
+            "{method}: a new connection"
+        );
+    }
+
+    // Settings that agree again: connections are pooled and reused.
+    state.pool.use_tls(0);
+    for _ in 0..2 {
+        assert_eq!(get(proxy, "/length", &[]).await.body, "hello");
+        wait_until("the connection is parked", || pooled() == (0, 1)).await;
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 5);
 }
 
 /// A backend's own reason phrase reaches the client as it was sent, an empty one included, on

@@ -415,7 +415,13 @@ pub struct ConnPool {
     /// Bumped by `clear`: connections from before (still carrying a request, or still being
     /// made) are not pooled or shared afterwards.
     generation: AtomicU64,
+    /// The TLS settings the backend is reached with now ([`UpstreamTls::settings_id`], 0 for
+    /// plain TCP): a request routed under others makes connections that are not pooled.
+    tls_id: AtomicU64,
 }
+
+/// The generation of a request whose TLS settings are no longer the backend's: never current.
+const STALE: u64 = u64::MAX;
 
 impl std::fmt::Debug for ConnPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -439,6 +445,35 @@ impl ConnPool {
             idle: Mutex::new(Idles::default()),
             shared_h2: Mutex::new(None),
             generation: AtomicU64::new(0),
+            tls_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `id` ([`UpstreamTls::settings_id`], 0 for plain TCP) as the TLS settings the backend
+    /// is reached with from now on, before a snapshot with them is published. On a change the
+    /// idle connections close: they were made under the old settings, and so are those of the
+    /// requests routed before the change (see `generation_for`).
+    pub fn use_tls(&self, id: u64) {
+        if self.tls_id.load(Ordering::SeqCst) != id {
+            // Stored before `clear` moves the generation on: a request that reads the new
+            // generation then reads the new settings too.
+            self.tls_id.store(id, Ordering::SeqCst);
+            self.clear();
+        }
+    }
+
+    /// The generation a request's connections belong to: the pool's, or [`STALE`] when the
+    /// request was routed under TLS settings (`tls_id`) the backend no longer has, so that what
+    /// it connects is used once and never pooled. Without this, a request routed just before a
+    /// reload that read the generation just after its `clear` would pool a connection made under
+    /// the old settings.
+    fn generation_for(&self, tls_id: u64) -> u64 {
+        // The generation first: `use_tls` stores the settings before it moves the generation on.
+        let generation = self.generation.load(Ordering::SeqCst);
+        if self.tls_id.load(Ordering::SeqCst) == tls_id {
+            generation
+        } else {
+            STALE
         }
     }
 
@@ -624,7 +659,7 @@ impl ConnPool {
         upgrade: bool,
     ) -> Result<(Response<ResponseBody>, PooledConn), SendError> {
         let upload = request.body().upload();
-        let generation = self.generation.load(Ordering::SeqCst);
+        let generation = self.generation_for(tls.map_or(0, UpstreamTls::settings_id));
         // Only TLS backends can have negotiated h2, so plain ones never take this lock.
         if let (Some(tls), false) = (tls, upgrade) {
             if let Some(mut sender) = self.checkout_h2() {
@@ -746,7 +781,8 @@ impl ConnPool {
         request: &Request<UpstreamBody>,
         timeouts: &Timeouts,
     ) -> Result<(Response<ResponseBody>, PooledConn), SendError> {
-        let generation = self.generation.load(Ordering::SeqCst);
+        // Plain TCP only (see `h1`).
+        let generation = self.generation_for(0);
         // A pooled stream the backend closed as the request went out (no answer came) is the
         // keep-alive race: the request goes again, once, on the next one. A second such close is
         // the backend's failure, like any other.

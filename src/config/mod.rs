@@ -458,6 +458,17 @@ impl PartialEq for UpstreamTls {
 
 impl Eq for UpstreamTls {}
 
+impl UpstreamTls {
+    /// A digest of what `==` compares, never 0 (which stands for plain TCP): tells connections
+    /// made under these settings from those made under others.
+    pub fn settings_id(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (&self.host, &self.authority, &self.ca, &self.ca_fingerprint).hash(&mut hasher);
+        hasher.finish() | 1
+    }
+}
+
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamTls")
