@@ -755,6 +755,93 @@ async fn connections_made_under_tls_settings_the_backend_no_longer_has_are_not_p
     assert_eq!(connections.load(Ordering::SeqCst), 5);
 }
 
+/// A backend that writes `answer` for every request head it reads, then closes the connection
+/// if `close`, else waits for the next head.
+async fn answering_backend(answer: &'static [u8], close: bool) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while next_head(&mut s, &mut buf).await.is_some() {
+                    if s.write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// What a client reads of one request's answer: until the proxy closes, or 2 s. The `date`
+/// field is left out (it differs by the second).
+async fn client_reads(proxy: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&answer)
+        .split("\r\n")
+        .filter(|line| !line.starts_with("date:"))
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// Unusual answers reach the client alike whether switchyard read them (a bodiless GET to a
+/// plain backend, `backend::h1`) or hyper's client did (a POST): the same status line, fields
+/// and body, or the same error. Each request goes through a proxy of its own.
+#[tokio::test]
+async fn the_raw_path_and_hyper_hand_clients_the_same_answers() {
+    let cases: [(&str, &[u8], bool); 20] = [
+        ("304 with a length", b"HTTP/1.1 304 Not Modified\r\ncontent-length: 100\r\n\r\n", false),
+        ("204 with a length", b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n", false),
+        ("HTTP/1.0 204 chunked", b"HTTP/1.0 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n", false),
+        ("TE beside a bad length", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: abc\r\n\r\n5\r\nhello\r\n0\r\n\r\n", false),
+        ("leading zeros", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n00000000000000005\r\nhello\r\n0\r\n\r\n", false),
+        ("HTTP/1.0 until close", b"HTTP/1.0 200 OK\r\n\r\nuntil close", true),
+        ("short body", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nabc", true),
+        ("bare LF in a chunk size", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", false),
+        ("no reason", b"HTTP/1.1 200\r\ncontent-length: 2\r\n\r\nok", false),
+        ("a reason of its own", b"HTTP/1.1 200 Fine\r\ncontent-length: 2\r\n\r\nok", false),
+        ("100 then 200", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+        ("gzip without chunked", b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nxyz", true),
+        ("5, 5", b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello", false),
+        ("two lengths that agree", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello", false),
+        ("two lengths that differ", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello", false),
+        ("+5", b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello", false),
+        ("the largest length", b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551615\r\n\r\nhello", true),
+        ("101 unasked", b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n", false),
+        ("status 600", b"HTTP/1.1 600 Weird\r\ncontent-length: 2\r\n\r\nok", false),
+        ("a quoted chunk extension", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;a=\"b;c\"\r\nhello\r\n0\r\n\r\n", false),
+    ];
+    let mut differ = Vec::new();
+    for (name, answer, close) in cases {
+        let mut seen = Vec::new();
+        for method in ["GET", "POST"] {
+            let backend = answering_backend(answer, close).await;
+            let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], "")).await;
+            let request = format!("{method} / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+            seen.push(client_reads(proxy, &request).await);
+        }
+        assert!(!seen[0].is_empty(), "{name}: no answer at all");
+        if seen[0] != seen[1] {
+            differ.push(format!(
+                "{name}:\n  GET  {:?}\n  POST {:?}",
+                seen[0], seen[1]
+            ));
+        }
+    }
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
+}
+
 /// A backend's own reason phrase reaches the client as it was sent, an empty one included, on
 /// hyper's path (a POST) as on switchyard's own (a GET), each through a proxy of its own.
 #[tokio::test]

@@ -350,7 +350,7 @@ fn finish(
         framing,
         keep_alive,
         done: false,
-        failed: None,
+        broken: false,
     };
     (response.map(|()| ResponseBody::Raw(body)), None)
 }
@@ -432,7 +432,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Hyper(body) => body.is_end_stream(),
-            ResponseBody::Raw(body) => body.done && body.failed.is_none(),
+            ResponseBody::Raw(body) => body.done && !body.broken,
             ResponseBody::Whole(data) => data.is_none(),
         }
     }
@@ -462,8 +462,8 @@ pub struct RawBody {
     /// The response allows the connection to carry another request once its body has ended.
     keep_alive: bool,
     done: bool,
-    /// A failure held back for one turn (see `poll_frame`).
-    failed: Option<io::Error>,
+    /// Ended by a failure (then also `done`).
+    broken: bool,
 }
 
 impl std::fmt::Debug for dyn Stream {
@@ -474,24 +474,6 @@ impl std::fmt::Debug for dyn Stream {
 
 impl RawBody {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
-        if let Some(error) = self.failed.take() {
-            self.fail();
-            return Poll::Ready(Some(Err(error)));
-        }
-        match self.poll_next(cx) {
-            Poll::Ready(Some(Err(error))) => {
-                // hyper's server drops what it has not yet written when a body fails, so the
-                // failure waits one turn: the client first gets the bytes that came (as from
-                // nginx), then the cut.
-                self.failed = Some(error);
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            polled => polled,
-        }
-    }
-
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
         loop {
             if self.done {
                 return Poll::Ready(None);
@@ -535,6 +517,7 @@ impl RawBody {
 
     fn fail(&mut self) {
         self.done = true;
+        self.broken = true;
         self.keep_alive = false;
         self.stream = None;
     }
@@ -686,7 +669,7 @@ mod tests {
             framing,
             keep_alive: true,
             done: false,
-            failed: None,
+            broken: false,
         }
     }
 

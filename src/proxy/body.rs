@@ -118,6 +118,8 @@ pin_project! {
             #[pin]
             stall: Sleep,
             stall_limit: Duration,
+            // A failure of the backend's body, held back for one turn (see `poll_frame`).
+            failed: Option<BodyError>,
         },
         /// Generated here (errors, empty bodies).
         Local {
@@ -134,6 +136,7 @@ impl ProxyBody {
             finish: Some(finish),
             stall: tokio::time::sleep(stall_limit),
             stall_limit,
+            failed: None,
         }
     }
 
@@ -165,47 +168,59 @@ impl Body for ProxyBody {
                 finish,
                 stall,
                 stall_limit,
-            } => match body.as_mut().poll_frame(cx) {
-                Poll::Ready(None) => {
-                    if let Some(f) = finish.take() {
-                        f.complete_with(body.get_mut().take_reusable());
-                    }
-                    Poll::Ready(None)
+                failed,
+            } => {
+                if let Some(error) = failed.take() {
+                    return Poll::Ready(Some(Err(error)));
                 }
-                Poll::Ready(Some(Ok(frame))) => {
-                    // The server may stop polling once it sees the end, so finish on the last frame.
-                    if body.is_end_stream() {
+                match body.as_mut().poll_frame(cx) {
+                    Poll::Ready(None) => {
                         if let Some(f) = finish.take() {
                             f.complete_with(body.get_mut().take_reusable());
                         }
-                    } else {
-                        stall.reset(Instant::now() + *stall_limit);
+                        Poll::Ready(None)
                     }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(Some(Err(error))) => {
-                    if let Some(f) = finish.take() {
-                        f.failed();
+                    Poll::Ready(Some(Ok(frame))) => {
+                        // The server may stop polling once it sees the end, so finish on the last frame.
+                        if body.is_end_stream() {
+                            if let Some(f) = finish.take() {
+                                f.complete_with(body.get_mut().take_reusable());
+                            }
+                        } else {
+                            stall.reset(Instant::now() + *stall_limit);
+                        }
+                        Poll::Ready(Some(Ok(frame)))
                     }
-                    Poll::Ready(Some(Err(error)))
-                }
-                Poll::Pending => match stall.poll(cx) {
-                    Poll::Ready(()) => {
+                    Poll::Ready(Some(Err(error))) => {
                         if let Some(f) = finish.take() {
                             f.failed();
                         }
-                        Poll::Ready(Some(Err(BodyStalled(*stall_limit).into())))
+                        // hyper's server drops what it has not yet written when a body fails (the
+                        // head too, before the first frame), so the failure waits one turn: the
+                        // client first gets what came (as from nginx), then the cut.
+                        *failed = Some(error);
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
                     }
-                    Poll::Pending => Poll::Pending,
-                },
-            },
+                    Poll::Pending => match stall.poll(cx) {
+                        Poll::Ready(()) => {
+                            if let Some(f) = finish.take() {
+                                f.failed();
+                            }
+                            Poll::Ready(Some(Err(BodyStalled(*stall_limit).into())))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    },
+                }
+            }
             ProxyBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            // Not while a failure waits: the server would end the body as if it were whole.
+            ProxyBody::Upstream { body, failed, .. } => failed.is_none() && body.is_end_stream(),
             ProxyBody::Local { data } => data.is_none(),
         }
     }
