@@ -97,16 +97,9 @@ impl Snapshot {
                 let mut members: Vec<Member> = pool_config
                     .backends
                     .iter()
-                    .map(|spec| {
-                        let state = registry.get_or_create(spec.address);
-                        // Before the snapshot is published: a backend whose TLS settings changed
-                        // closes its idle connections, and pools none made under the old ones.
-                        let tls_id = spec.tls.as_ref().map_or(0, UpstreamTls::settings_id);
-                        state.pool.use_tls(tls_id);
-                        Member {
-                            spec: spec.clone(),
-                            state,
-                        }
+                    .map(|spec| Member {
+                        spec: spec.clone(),
+                        state: registry.get_or_create(spec.address),
                     })
                     .collect();
                 let active = members.len();
@@ -142,6 +135,16 @@ impl Snapshot {
                 }
             })
             .collect();
+        // Last, once the slow part (the strategies' tables) is done, and before the snapshot is
+        // published: a backend whose TLS settings changed closes its idle connections, and pools
+        // none that requests routed on the old snapshot make (`ConnPool::use_tls`). Members
+        // carried over while draining keep the settings they had.
+        for pool in &pools {
+            for member in &pool.members[..pool.active] {
+                let tls_id = member.spec.tls.as_ref().map_or(0, UpstreamTls::settings_id);
+                member.state.pool.use_tls(tls_id);
+            }
+        }
         let live_pools: Vec<&str> = pools.iter().map(|p| p.name()).collect();
         let live_members: Vec<(&str, SocketAddr)> = pools
             .iter()

@@ -462,6 +462,15 @@ impl ConnPool {
         }
     }
 
+    /// An idle connection for a request of `generation`: none for a [`STALE`] one, whose TLS
+    /// settings are not those the pool's connections were made under; it connects under its own.
+    fn checkout_for(&self, generation: u64, idle: Duration, upgrade: bool) -> Option<Checkout> {
+        if generation == STALE {
+            return None;
+        }
+        self.checkout(idle, upgrade)
+    }
+
     /// The generation a request's connections belong to: the pool's, or [`STALE`] when the
     /// request was routed under TLS settings (`tls_id`) the backend no longer has, so that what
     /// it connects is used once and never pooled. Without this, a request routed just before a
@@ -661,7 +670,7 @@ impl ConnPool {
         let upload = request.body().upload();
         let generation = self.generation_for(tls.map_or(0, UpstreamTls::settings_id));
         // Only TLS backends can have negotiated h2, so plain ones never take this lock.
-        if let (Some(tls), false) = (tls, upgrade) {
+        if let (Some(tls), false) = (tls, upgrade || generation == STALE) {
             if let Some(mut sender) = self.checkout_h2() {
                 into_http2(&mut request, tls);
                 let sending = sender.try_send_request(request);
@@ -689,7 +698,7 @@ impl ConnPool {
                 }
             }
         }
-        while let Some(checkout) = self.checkout(timeouts.idle, upgrade) {
+        while let Some(checkout) = self.checkout_for(generation, timeouts.idle, upgrade) {
             let (mut sender, fresh) = match checkout {
                 Checkout::Ready(sender) => (sender, false),
                 Checkout::Parked(stream) => {
@@ -787,7 +796,7 @@ impl ConnPool {
         // keep-alive race: the request goes again, once, on the next one. A second such close is
         // the backend's failure, like any other.
         let mut raced = false;
-        while let Some(checkout) = self.checkout(timeouts.idle, false) {
+        while let Some(checkout) = self.checkout_for(generation, timeouts.idle, false) {
             match checkout {
                 Checkout::Parked(stream) => {
                     match self

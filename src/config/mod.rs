@@ -445,6 +445,8 @@ pub struct UpstreamTls {
     pub client: Arc<rustls::ClientConfig>,
     /// Offers only `http/1.1`: for upgrades (HTTP/2 cannot carry them) and health checks.
     pub client_http1: Arc<rustls::ClientConfig>,
+    /// [`UpstreamTls::settings_id`], computed once: every request to the backend reads it.
+    id: u64,
 }
 
 impl PartialEq for UpstreamTls {
@@ -462,10 +464,16 @@ impl UpstreamTls {
     /// A digest of what `==` compares, never 0 (which stands for plain TCP): tells connections
     /// made under these settings from those made under others.
     pub fn settings_id(&self) -> u64 {
+        self.id
+    }
+
+    /// Sets [`UpstreamTls::settings_id`] from the fields, once they are all in place.
+    fn with_id(mut self) -> Self {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
         (&self.host, &self.authority, &self.ca, &self.ca_fingerprint).hash(&mut hasher);
-        hasher.finish() | 1
+        self.id = hasher.finish() | 1;
+        self
     }
 }
 

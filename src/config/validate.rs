@@ -1356,14 +1356,18 @@ impl Checker<'_> {
                             }
                         }
                     }
-                    clients.as_ref().map(|(client, client_http1)| UpstreamTls {
-                        host: target.host,
-                        server_name: target.server_name,
-                        authority: target.authority,
-                        ca: ca.map(|ca| ca.path.clone()),
-                        ca_fingerprint: ca.map(|ca| ca.fingerprint),
-                        client: Arc::clone(client),
-                        client_http1: Arc::clone(client_http1),
+                    clients.as_ref().map(|(client, client_http1)| {
+                        UpstreamTls {
+                            host: target.host,
+                            server_name: target.server_name,
+                            authority: target.authority,
+                            ca: ca.map(|ca| ca.path.clone()),
+                            ca_fingerprint: ca.map(|ca| ca.fingerprint),
+                            client: Arc::clone(client),
+                            client_http1: Arc::clone(client_http1),
+                            id: 0,
+                        }
+                        .with_id()
                     })
                 }
             };

@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendSpec, Config, DiscoveryConfig, DiscoverySource};
+use crate::config::{BackendSpec, Config, DiscoveryConfig, DiscoverySource, UpstreamTls};
 use crate::metrics::Metrics;
 use crate::server::Server;
 
@@ -143,11 +143,27 @@ impl Discovery {
         for name in discovered {
             let backends = match pools.get(&name).and_then(|r| r.members.as_ref()) {
                 Some(found) => backends_of(&config, &name, found),
+                // Kept as listed, but, as for discovered ones, not an address another pool of the
+                // new config reaches differently: validation saw this pool without backends.
                 None => current
                     .pools
                     .get(&name)
                     .map(|pool| pool.backends.clone())
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|b| {
+                        let clash = reached_differently(&config, &name, b.address, b.tls.as_ref());
+                        if clash {
+                            tracing::warn!(
+                                pool = name.as_str(),
+                                backend = %b.address,
+                                "listed backend left out: another pool reaches this address \
+                                 differently (plain or https)"
+                            );
+                        }
+                        !clash
+                    })
+                    .collect(),
             };
             if let Some(pool) = config.pools.get_mut(&name) {
                 pool.backends = backends;
@@ -377,13 +393,7 @@ pub(crate) fn backends_of(config: &Config, pool: &str, found: &[Found]) -> Vec<B
     found
         .iter()
         .filter(|f| {
-            let https_elsewhere = config.pools.values().any(|other| {
-                other.name != pool
-                    && other
-                        .backends
-                        .iter()
-                        .any(|b| b.address == f.address && b.tls.is_some())
-            });
+            let https_elsewhere = reached_differently(config, pool, f.address, None);
             if https_elsewhere {
                 tracing::warn!(
                     pool,
@@ -402,6 +412,23 @@ pub(crate) fn backends_of(config: &Config, pool: &str, found: &[Found]) -> Vec<B
         .collect()
 }
 
+/// Whether a pool of `config` other than `pool` reaches `address` with other TLS settings than
+/// `tls`: one address has one connection pool, so the two cannot both have it.
+fn reached_differently(
+    config: &Config,
+    pool: &str,
+    address: SocketAddr,
+    tls: Option<&UpstreamTls>,
+) -> bool {
+    config.pools.values().any(|other| {
+        other.name != pool
+            && other
+                .backends
+                .iter()
+                .any(|b| b.address == address && b.tls.as_ref() != tls)
+    })
+}
+
 fn unix(time: SystemTime) -> u64 {
     time.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -416,6 +443,31 @@ mod tests {
             address: address.parse().unwrap(),
             weight,
         }
+    }
+
+    /// A pool that switches from listed backends to discovery keeps them until its source answers,
+    /// but not one that a pool added in the same reload reaches over https.
+    #[test]
+    fn kept_backends_another_pool_reaches_differently_are_left_out() {
+        let load = |text: &str| Config::from_str(text, std::path::Path::new("t.toml")).unwrap();
+        let head = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[routes]]\npool = \"p\"\n";
+        let current = load(&format!(
+            "{head}[pools.p]\nstrategy = \"round_robin\"\nbackends = \
+             [{{ address = \"127.0.0.1:9001\" }}, {{ address = \"127.0.0.1:9002\" }}]\n"
+        ));
+        let next = load(&format!(
+            "{head}[pools.p]\nstrategy = \"round_robin\"\n[pools.p.discovery]\n\
+             dns = \"app.internal:9001\"\n\
+             [pools.q]\nstrategy = \"round_robin\"\nbackends = \
+             [{{ address = \"https://127.0.0.1:9001\" }}]\n"
+        ));
+        let merged = Discovery::default().merge(next, &current);
+        let kept: Vec<String> = merged.pools["p"]
+            .backends
+            .iter()
+            .map(|b| b.address.to_string())
+            .collect();
+        assert_eq!(kept, ["127.0.0.1:9002"]);
     }
 
     #[test]

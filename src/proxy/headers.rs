@@ -41,17 +41,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Removes a response's `Content-Length` when a `Transfer-Encoding` came beside it. The encoding
-/// frames the body (RFC 9112 §6.3) and is itself hop-by-hop, so the body goes on re-framed; the
-/// length, passed on, would tell the client to wait for bytes that never come.
-pub fn drop_length_beside_encoding(headers: &mut HeaderMap) {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        headers.remove(header::CONTENT_LENGTH);
-    }
-}
-
 /// Removes hop-by-hop headers: `Connection`, every header it names, and the fixed list. With
 /// `upgrading`, `Upgrade` and `Connection: upgrade` are kept so the handshake reaches the other side.
+/// A `Content-Length` beside a `Transfer-Encoding` goes too: the encoding framed the body (RFC 9112
+/// §6.3), which goes on re-framed, and the length would have the next hop wait for bytes that
+/// never come.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     // Most messages carry none of these: one pass over the names (cheap comparisons) spares the
     // removals, each of which hashes its name.
@@ -71,7 +65,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     // Compared as text (names in the map are lowercase): parsing each token into a name would
     // allocate for every one that is not a standard header, `close` included.
     let named: Vec<&str> = connection_tokens(headers).collect();
-    let doomed: Vec<HeaderName> = headers
+    let mut doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|&name| {
             if name == header::UPGRADE {
@@ -85,6 +79,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
         })
         .cloned()
         .collect();
+    if doomed.contains(&header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH) {
+        doomed.push(header::CONTENT_LENGTH);
+    }
     for name in doomed {
         headers.remove(name);
     }
@@ -295,6 +292,25 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn a_length_goes_with_the_encoding_beside_it_and_stays_alone() {
+        let mut both = HeaderMap::new();
+        both.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        both.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(&mut both, false);
+        assert!(both.is_empty(), "{both:?}");
+
+        let mut alone = HeaderMap::new();
+        alone.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        alone.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        strip_hop_by_hop(&mut alone, false);
+        let names: Vec<_> = alone.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["content-length"]);
     }
 
     #[test]

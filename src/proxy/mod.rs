@@ -333,7 +333,6 @@ async fn forward(
                     }
                 }
                 let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-                headers::drop_length_beside_encoding(response.headers_mut());
                 headers::strip_hop_by_hop(response.headers_mut(), switching && upgrading);
                 if let Some(cookie) = choice.set_cookie {
                     response.headers_mut().append(header::SET_COOKIE, cookie);
