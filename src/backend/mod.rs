@@ -8,6 +8,6 @@ mod registry;
 mod state;
 
 pub use h1::{bodiless, ResponseBody};
-pub use pool::{ConnPool, PooledConn, SendError, Stream, Upload, UpstreamBody};
+pub use pool::{bodiless_copy, ConnPool, PooledConn, SendError, Stream, Upload, UpstreamBody};
 pub use registry::Registry;
 pub use state::{BackendState, BackendStatus, Drain, DrainOutcome, InFlightGuard, UpgradeGuard};

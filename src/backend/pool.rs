@@ -1103,8 +1103,9 @@ fn into_http2(request: &mut Request<UpstreamBody>, tls: &UpstreamTls) {
     *request.version_mut() = Version::HTTP_2;
 }
 
-/// A bodiless request's copy, for a connection hyper drives (which takes the request it sends).
-fn bodiless_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+/// A bodiless request's copy: for a connection hyper drives (which takes the request it sends),
+/// and for a retry.
+pub fn bodiless_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     let mut copy = Request::new(UpstreamBody::empty());
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();

@@ -457,13 +457,9 @@ async fn forward(
     }
 }
 
-/// What is needed to send a bodiless, idempotent request again.
+/// A copy of a bodiless, idempotent request, to send it again.
 #[derive(Debug)]
-struct Replay {
-    method: http::Method,
-    uri: Uri,
-    headers: http::HeaderMap,
-}
+struct Replay(Request<UpstreamBody>);
 
 /// Puts the request back for another attempt, from its copy if hyper's client took it.
 fn restore(upstream: &mut Option<Request<UpstreamBody>>, replay: &Option<Replay>) {
@@ -491,19 +487,11 @@ impl Replay {
 
     /// A copy of `request`, which [`Replay::worth`] allowed.
     fn of(request: &Request<UpstreamBody>) -> Replay {
-        Replay {
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            headers: request.headers().clone(),
-        }
+        Replay(crate::backend::bodiless_copy(request))
     }
 
     fn request(&self) -> Request<UpstreamBody> {
-        let mut request = Request::new(UpstreamBody::empty());
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.headers_mut() = self.headers.clone();
-        request
+        crate::backend::bodiless_copy(&self.0)
     }
 }
 
