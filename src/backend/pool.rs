@@ -841,12 +841,7 @@ impl ConnPool {
         generation: u64,
     ) -> Result<(Response<ResponseBody>, PooledConn), SendError> {
         let backend = self.address;
-        let connecting = async {
-            let stream = TcpStream::connect(backend).await?;
-            stream.set_nodelay(true)?;
-            Ok(stream)
-        };
-        let stream = match tokio::time::timeout(timeouts.connect, connecting).await {
+        let stream = match tokio::time::timeout(timeouts.connect, open_tcp(backend)).await {
             Ok(Ok(stream)) => stream,
             failed => {
                 let error = match failed {
@@ -967,8 +962,7 @@ impl ConnPool {
     ) -> Result<Connected, ProxyError> {
         let backend = self.address;
         let connecting = async {
-            let stream = TcpStream::connect(backend).await?;
-            stream.set_nodelay(true)?;
+            let stream = open_tcp(backend).await?;
             // A connection opened for an upgrade keeps hyper's upgrade support, and so never parks.
             let parks = !upgrade;
             let Some(tls) = tls else {
@@ -1029,6 +1023,13 @@ impl ConnPool {
             park: Some(park),
         })
     }
+}
+
+/// A TCP connection to `backend`, with Nagle off: a request's head must not wait for an ACK.
+async fn open_tcp(backend: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(backend).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Runs an HTTP/1.1 connection until its sender is dropped (or it fails, or the backend closes
