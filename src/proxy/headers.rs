@@ -32,9 +32,12 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// The comma-separated tokens of every `Connection` header, trimmed; values that are not visible
 /// ASCII are skipped.
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
+    tokens(headers.get_all(header::CONNECTION).iter())
+}
+
+/// The comma-separated tokens of `values`, trimmed; values that are not visible ASCII are skipped.
+fn tokens<'v>(values: impl Iterator<Item = &'v HeaderValue>) -> impl Iterator<Item = &'v str> {
+    values
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
@@ -58,32 +61,35 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
         }
         return;
     }
-    // Headers named by Connection are hop-by-hop too. Only the names present are removed, found
-    // in one more pass: each removal hashes its name, and a plain `Connection: close` or
-    // `keep-alive` (every HTTP/1.0 client, every request of a new-connection-per-request client)
-    // would otherwise pay for eight (about 1,500 instructions, callgrind).
-    // Compared as text (names in the map are lowercase): parsing each token into a name would
-    // allocate for every one that is not a standard header, `close` included.
-    let named: Vec<&str> = connection_tokens(headers).collect();
-    let mut doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|&name| {
-            if name == header::UPGRADE {
-                return !upgrading;
-            }
-            // `Connection: host` must not take away the Host the request was routed by (the
-            // backend would see another vhost, or none).
-            name != header::HOST
-                && (HOP_BY_HOP.contains(name)
-                    || named.iter().any(|t| t.eq_ignore_ascii_case(name.as_str())))
-        })
-        .cloned()
-        .collect();
-    if doomed.contains(&header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH) {
-        doomed.push(header::CONTENT_LENGTH);
-    }
-    for name in doomed {
+    // Headers named by Connection are hop-by-hop too. Only the names present are removed, each
+    // found by a pass over the names: each removal hashes its name, and a plain `Connection:
+    // close` or `keep-alive` (every HTTP/1.0 client, every request of a new-connection-per-request
+    // client) would otherwise pay for eight (about 1,500 instructions, callgrind). Nothing is
+    // collected, so that such a request allocates nothing here: the Connection values are held
+    // apart (a refcount each; the field itself goes in the loop), and names are compared as text
+    // (names in the map are lowercase), since parsing each token into a name would allocate for
+    // every one that is not a standard header, `close` included.
+    let mut connection = headers.get_all(header::CONNECTION).iter();
+    let first = connection.next().cloned();
+    // Repeated Connection fields are rare: only they cost a vector.
+    let more: Vec<HeaderValue> = connection.cloned().collect();
+    let doomed = |name: &HeaderName| {
+        if name == header::UPGRADE {
+            return !upgrading;
+        }
+        // `Connection: host` must not take away the Host the request was routed by (the
+        // backend would see another vhost, or none).
+        name != header::HOST
+            && (HOP_BY_HOP.contains(name)
+                || tokens(first.iter().chain(&more)).any(|t| t.eq_ignore_ascii_case(name.as_str())))
+    };
+    let mut framed_by_encoding = false;
+    while let Some(name) = headers.keys().find(|&name| doomed(name)).cloned() {
+        framed_by_encoding |= name == header::TRANSFER_ENCODING;
         headers.remove(name);
+    }
+    if framed_by_encoding {
+        headers.remove(header::CONTENT_LENGTH);
     }
     if upgrading {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
