@@ -12,6 +12,7 @@ use crate::balance::{self, Candidates, Choice, Member, RequestFacts, Strategy};
 use crate::config::{Config, PoolConfig, UpstreamTls};
 use crate::health::Monitor;
 use crate::metrics::{MemberMetrics, Metrics, PoolMetrics};
+use crate::proxy::Tunnels;
 
 /// One pool as built for a snapshot.
 #[derive(Debug)]
@@ -211,6 +212,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Pool-level bookkeeping of backend health changes.
     pub health: Monitor,
+    /// Upgraded connections (WebSockets and other tunnels).
+    pub tunnels: Tunnels,
 }
 
 impl Shared {
@@ -224,6 +227,7 @@ impl Shared {
             registry,
             metrics,
             health: Monitor::default(),
+            tunnels: Tunnels::default(),
         });
         shared.metrics.attach(&shared);
         shared

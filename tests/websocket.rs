@@ -15,7 +15,7 @@ use http::StatusCode;
 use serde_json::Value;
 use support::tls::*;
 use support::*;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -399,4 +399,75 @@ async fn an_upgraded_connection_the_backend_closes_first_ends_for_a_silent_clien
     let text = read_to_end_text(&mut client).await;
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(text.ends_with("\r\n\r\nbye"), "{text}");
+}
+
+/// An open WebSocket is an open client connection: it counts against its listener's
+/// `max_connections` and in `switchyard_downstream_connections` until it closes, though the HTTP
+/// connection it came from has ended.
+#[tokio::test]
+async fn websockets_count_against_max_connections_until_they_close() {
+    let apps = apps(1).await;
+    let tail = "[limits]\nmax_connections = 2\n";
+    let (server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), tail)).await;
+    let gauge = format!("switchyard_downstream_connections{{listener=\"{proxy}\"}} ");
+    let open_now = || {
+        let metrics = server.metrics().render();
+        let line = metrics.lines().find(|l| l.starts_with(&gauge)).unwrap();
+        line[gauge.len()..].trim().parse::<u64>().unwrap()
+    };
+    let mut sockets = Vec::new();
+    for _ in 0..2 {
+        let stream = TcpStream::connect(proxy).await.unwrap();
+        let (mut ws, _) = open(stream, "ws://count.example/ws", None).await;
+        assert_eq!(next_text(&mut ws).await, "app1");
+        sockets.push(ws);
+    }
+    assert_eq!(open_now(), 2, "two WebSockets, two open connections");
+    // A third client is turned away while both are open.
+    let mut third = TcpStream::connect(proxy).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
+        .await
+        .expect("the third connection is closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    echo(&mut sockets[0], "still here").await;
+
+    // Once one closes, its place is free again.
+    let mut closing = sockets.pop().unwrap();
+    closing.close(None).await.unwrap();
+    while closing.next().await.is_some() {}
+    wait_until("the closed WebSocket is no longer counted", || {
+        open_now() == 1
+    })
+    .await;
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (mut ws, _) = open(stream, "ws://count.example/ws", None).await;
+    assert_eq!(next_text(&mut ws).await, "app1");
+}
+
+/// A shutdown closes open WebSockets with 1001 ("going away", so clients reconnect elsewhere at
+/// once) and waits for them to end, as it waits for requests in flight; then none is counted.
+#[tokio::test]
+async fn shutdown_closes_websockets_with_going_away_and_waits_for_them() {
+    let apps = apps(1).await;
+    let (server, proxy) = proxy(&one_pool("round_robin", &weight_one(&apps), "")).await;
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (mut ws, _) = open(stream, "ws://stop.example/ws", None).await;
+    assert_eq!(next_text(&mut ws).await, "app1");
+    let state = server.shared().registry.get(apps[0].addr()).unwrap();
+    assert_eq!(state.upgraded(), 1);
+
+    let stopping = {
+        let server = Arc::clone(&server);
+        tokio::spawn(async move { server.shutdown(Duration::from_secs(10)).await })
+    };
+    assert_eq!(close_code(&mut ws).await, CloseCode::Away);
+    let finished = tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the shutdown ends once the WebSocket has")
+        .unwrap();
+    assert!(finished, "every connection ended within the limit");
+    assert_eq!(state.upgraded(), 0);
+    assert_eq!(state.upgraded_cut(), 0, "a shutdown is not a drain cut");
+    assert!(server.shared().tunnels.is_empty());
 }

@@ -16,6 +16,7 @@ use hyper::body::{Body, Incoming};
 
 pub use body::{BodyWatch, Finish, ProxyBody};
 pub use redirect::HttpsRedirect;
+pub use tunnel::Tunnels;
 
 use crate::backend::{SendError, UpstreamBody};
 use crate::balance::{Affinity, RequestFacts};
@@ -24,6 +25,7 @@ use crate::error::ProxyError;
 use crate::health;
 use crate::metrics::MemberMetrics;
 use crate::server::framing::Rejection;
+use crate::server::ListenerCount;
 use crate::state::{Pool, Shared, Snapshot};
 
 /// What the request path knows about the client connection.
@@ -37,6 +39,8 @@ pub struct ConnInfo {
     pub proto: &'static str,
     /// Set on a plain listener with `redirect_https`: every request is redirected, none proxied.
     pub redirect: Option<HttpsRedirect>,
+    /// The listener's count of open connections, which an upgraded connection stays in.
+    pub(crate) listener: ListenerCount,
 }
 
 /// Proxies one request and always returns a response: the backend's, or a short error. The
@@ -355,12 +359,14 @@ async fn forward(
                             upgrade_guard.count_in(load);
                         }
                         let cut = member.state.cut_signal();
-                        tokio::spawn(tunnel::run(
+                        shared.tunnels.spawn(tunnel::run(
                             client_upgrade,
                             backend_upgrade,
                             websocket,
                             upgrade_guard,
+                            conn.listener.count(),
                             cut,
+                            shared.tunnels.stopping(),
                             timeouts.upgraded_idle,
                         ));
                     }

@@ -2,7 +2,8 @@
 //! ways until either side closes, until the backend's drain deadline cuts them, or until they
 //! have moved nothing for `timeouts.upgraded_idle`. A WebSocket closed by the proxy is closed at a
 //! frame boundary of the backend→client stream with a close frame, status 1001 ("going away"), so
-//! the client reconnects at once; other protocols are simply closed.
+//! the client reconnects at once; other protocols are simply closed. A shutdown closes every
+//! tunnel the same way, and waits for them as for requests in flight.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -11,9 +12,11 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
 
 use crate::backend::UpgradeGuard;
-use crate::server::sleep_until_opt;
+use crate::server::{sleep_until_opt, Counted};
 
 /// How long a cut waits for the backend to finish the frame it is in the middle of; past it, the
 /// connection is closed without a close frame.
@@ -27,16 +30,66 @@ const BUFFER: usize = 16 * 1024;
 /// How many times per `upgraded_idle` period a tunnel is checked for idleness.
 const IDLE_CHECKS: u32 = 4;
 
-/// Runs one upgraded connection to its end. `guard` counts it against the backend; `cut` turns
-/// true when the backend's drain deadline passes; `idle` is `timeouts.upgraded_idle`.
+/// A proxy's upgraded connections, which outlive the requests that opened them: tracked, so that a
+/// shutdown waits for them, and told to close when it begins.
+#[derive(Debug, Default)]
+pub struct Tunnels {
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Tunnels {
+    /// Runs `tunnel` (from [`run`]) as one of these.
+    pub(crate) fn spawn<F>(&self, tunnel: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(tunnel);
+    }
+
+    /// What a tunnel waits on for the shutdown.
+    pub(crate) fn stopping(&self) -> WaitForCancellationFutureOwned {
+        self.stop.clone().cancelled_owned()
+    }
+
+    /// Closes every tunnel, and any opened from now on, as a drain's deadline does.
+    pub fn stop(&self) {
+        self.stop.cancel();
+        self.tracker.close();
+    }
+
+    /// Resolves once every tunnel has ended, after [`Tunnels::stop`].
+    pub async fn stopped(&self) {
+        self.tracker.wait().await;
+    }
+
+    /// How many are open.
+    pub fn len(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Whether none is open.
+    pub fn is_empty(&self) -> bool {
+        self.tracker.is_empty()
+    }
+}
+
+/// Runs one upgraded connection to its end. `guard` counts it against the backend and `counted`
+/// in its listener's open connections; `cut` turns true when the backend's drain deadline passes;
+/// `stopping` resolves when the proxy shuts down; `idle` is `timeouts.upgraded_idle`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: OnUpgrade,
     backend: OnUpgrade,
     websocket: bool,
     guard: UpgradeGuard,
+    counted: Counted,
     cut: watch::Receiver<bool>,
+    stopping: WaitForCancellationFutureOwned,
     idle: Option<Duration>,
 ) {
+    // The client's connection stays open, and counted, until the tunnel ends.
+    let _counted = counted;
     let (client, backend) = match tokio::join!(client, backend) {
         (Ok(c), Ok(b)) => (c, b),
         (Err(e), _) | (_, Err(e)) => {
@@ -46,8 +99,12 @@ pub async fn run(
     };
     let client: TokioIo<Upgraded> = TokioIo::new(client);
     let backend: TokioIo<Upgraded> = TokioIo::new(backend);
-    match splice(client, backend, websocket, cut, idle).await {
+    match splice(client, backend, websocket, cut, stopping, idle).await {
         End::Cut => guard.backend().count_cut(),
+        End::Stopped => tracing::debug!(
+            backend = %guard.backend().address(),
+            "upgraded connection closed for the shutdown"
+        ),
         End::Idle => tracing::debug!(
             backend = %guard.backend().address(),
             "upgraded connection idle for timeouts.upgraded_idle; closed"
@@ -63,6 +120,8 @@ enum End {
     Closed,
     /// The backend's drain deadline cut it.
     Cut,
+    /// The proxy shut down.
+    Stopped,
     /// It moved nothing for `upgraded_idle`.
     Idle,
 }
@@ -72,6 +131,7 @@ async fn splice<C, B>(
     backend: B,
     websocket: bool,
     mut cut: watch::Receiver<bool>,
+    stopping: WaitForCancellationFutureOwned,
     idle: Option<Duration>,
 ) -> End
 where
@@ -150,6 +210,7 @@ where
     let reason = async {
         tokio::select! {
             () = cut_requested(&mut cut) => End::Cut,
+            () = stopping => End::Stopped,
             () = idle_for(&moved, idle) => End::Idle,
         }
     };
@@ -333,7 +394,15 @@ mod tests {
         let (backend_proxy, mut backend) = duplex(1024);
         let (_cut_tx, cut) = watch::channel(false);
         let idle = Some(Duration::from_secs(10));
-        let tunnel = tokio::spawn(splice(client_proxy, backend_proxy, true, cut, idle));
+        let stopping = CancellationToken::new().cancelled_owned();
+        let tunnel = tokio::spawn(splice(
+            client_proxy,
+            backend_proxy,
+            true,
+            cut,
+            stopping,
+            idle,
+        ));
 
         // Busy for 30s: a frame each way every 5s.
         for _ in 0..6 {

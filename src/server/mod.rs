@@ -351,10 +351,9 @@ impl Server {
         settings: Arc<ArcSwap<ListenerSettings>>,
     ) {
         let local = listener.local_addr().ok();
-        let open = local.map(|local| self.metrics().downstream(local));
-        let idle = local.map(|local| self.metrics().downstream_idle(local));
         // This listener's open connections, for `limits.max_connections`.
-        let open_here = Arc::new(AtomicUsize::new(0));
+        let count = ListenerCount::new(local.map(|local| self.metrics().downstream(local)));
+        let idle = local.map(|local| self.metrics().downstream_idle(local));
         // Made once: a fresh `cancelled()` per accepted connection registered a waiter each time.
         let stopped = stop.cancelled();
         tokio::pin!(stopped);
@@ -368,16 +367,13 @@ impl Server {
                         // learns right away, and the kernel's backlog does not fill with clients
                         // waiting on a listener that will not take them.
                         let max = self.shared.snapshot.load().config.limits.max_connections;
-                        if open_here.load(Ordering::Relaxed) >= max {
+                        if count.open_now() >= max {
                             self.metrics().downstream_refused(local);
                             tracing::debug!(%peer, max, "connection refused: listener at max_connections");
                             drop(stream);
                             continue;
                         }
-                        let counted = Counted {
-                            _open: open.clone().map(GaugeGuard::new),
-                            _here: OpenHere::new(Arc::clone(&open_here)),
-                        };
+                        let counted = count.count();
                         let server = Arc::clone(&self);
                         let settings = settings.load_full();
                         let idle = idle.clone();
@@ -437,6 +433,7 @@ impl Server {
                 peer_ip: proxy::headers::peer_ip_value(peer.ip()),
                 proto: "http",
                 redirect: settings.redirect,
+                listener: counted.listener().clone(),
             };
             return Either::Left(self.serve_http(io, info, conn, true, counted));
         };
@@ -483,6 +480,7 @@ impl Server {
             peer_ip: proxy::headers::peer_ip_value(peer.ip()),
             proto: "https",
             redirect: None,
+            listener: counted.listener().clone(),
         };
         self.serve_http(stream, info, conn, false, counted).await;
     }
@@ -623,18 +621,26 @@ impl Server {
         builders
     }
 
-    /// Stops accepting, lets in-flight requests finish for at most `limit`, and reports whether
-    /// every connection finished in time.
+    /// Stops accepting, lets in-flight requests finish for at most `limit`, closes upgraded
+    /// connections (see [`Tunnels::stop`](crate::proxy::Tunnels::stop)), and reports whether every
+    /// connection finished in time.
     pub async fn shutdown(&self, limit: Duration) -> bool {
         self.stopped.store(true, Ordering::Release);
         self.shutdown.cancel();
         self.connections.close();
-        let finished = tokio::time::timeout(limit, self.connections.wait())
-            .await
-            .is_ok();
+        // Tunnels have no request to finish: they are closed now, a WebSocket with 1001.
+        let tunnels = &self.shared.tunnels;
+        tunnels.stop();
+        let finished = tokio::time::timeout(limit, async {
+            self.connections.wait().await;
+            tunnels.stopped().await;
+        })
+        .await
+        .is_ok();
         if !finished {
             tracing::warn!(
                 remaining = self.connections.len(),
+                tunnels = tunnels.len(),
                 "shutdown timeout reached with connections still open"
             );
         }
@@ -642,27 +648,54 @@ impl Server {
     }
 }
 
-/// What counts an open client connection until it ends.
-struct Counted {
-    /// In its listener's `switchyard_downstream_connections`.
-    _open: Option<GaugeGuard>,
-    /// Against its listener's `max_connections`.
-    _here: OpenHere,
+/// A listener's open client connections: its `switchyard_downstream_connections` gauge and the
+/// figure its `max_connections` is checked against. Upgraded connections count here too, from the
+/// request that switched protocols to the tunnel's end (see [`ListenerCount::count`]).
+#[derive(Debug, Clone)]
+pub(crate) struct ListenerCount {
+    open: Option<IntGauge>,
+    here: Arc<AtomicUsize>,
 }
 
-/// Counts one open connection against its listener's `max_connections` until dropped.
-struct OpenHere(Arc<AtomicUsize>);
+impl ListenerCount {
+    fn new(open: Option<IntGauge>) -> Self {
+        ListenerCount {
+            open,
+            here: Arc::new(AtomicUsize::new(0)),
+        }
+    }
 
-impl OpenHere {
-    fn new(count: Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        OpenHere(count)
+    fn open_now(&self) -> usize {
+        self.here.load(Ordering::Relaxed)
+    }
+
+    /// Counts one open connection until the result is dropped.
+    pub(crate) fn count(&self) -> Counted {
+        if let Some(open) = &self.open {
+            open.inc();
+        }
+        self.here.fetch_add(1, Ordering::Relaxed);
+        Counted(self.clone())
     }
 }
 
-impl Drop for OpenHere {
+/// One open client connection, counted in its listener until dropped.
+#[derive(Debug)]
+pub(crate) struct Counted(ListenerCount);
+
+impl Counted {
+    /// The listener it is counted in.
+    fn listener(&self) -> &ListenerCount {
+        &self.0
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(open) = &self.0.open {
+            open.dec();
+        }
+        self.0.here.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
