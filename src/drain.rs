@@ -92,8 +92,7 @@ async fn run<F>(
         _ = state.wait_until(|s| !ours(s) || s.is_quiet()) => false,
         _ = tokio::time::sleep_until(drain.deadline.into()) => true,
     };
-    if hit_deadline && ours(&state) {
-        state.cut_upgraded();
+    if hit_deadline && state.cut_upgraded_for(&drain.done) {
         let _ = tokio::time::timeout(
             CUT_GRACE,
             state.wait_until(|s| s.upgraded() == 0 || !ours(s)),
@@ -237,5 +236,27 @@ mod tests {
         assert_eq!(ended(&removal).await.end, "cancelled");
         drop(request);
         assert_eq!(state.status(), BackendStatus::Active);
+    }
+
+    /// A drain's deadline cuts upgraded connections only while that drain is in force: once the
+    /// backend is back in the config, a late cut would stay, and close every later tunnel at once.
+    #[tokio::test]
+    async fn a_drain_called_off_cuts_nothing() {
+        let state = backend();
+        let removal = begin(&state, true).unwrap();
+        return_to_config(&state);
+        assert!(!state.cut_upgraded_for(&removal.done));
+        assert!(!state.is_cut());
+        let again = begin(&state, true).unwrap();
+        assert!(
+            state.cut_upgraded_for(&again.done),
+            "the drain in force cuts"
+        );
+        assert!(state.is_cut());
+        return_to_config(&state);
+        assert!(
+            !state.is_cut(),
+            "back in the config, tunnels are left alone"
+        );
     }
 }

@@ -343,6 +343,19 @@ impl BackendState {
         self.cut.send_replace(true);
     }
 
+    /// Cuts upgraded connections for the drain whose outcome goes to `done`, if it is still the
+    /// one in force (returns whether it was). Checked and cut under the drain's lock: a reload
+    /// that calls the drain off in between would set the backend Active and clear the cut, and a
+    /// cut after that would stay, closing every later tunnel at once.
+    pub(crate) fn cut_upgraded_for(&self, done: &watch::Receiver<Option<DrainOutcome>>) -> bool {
+        let slot = self.lock_drain();
+        let in_force = self.in_force(&slot, done);
+        if in_force {
+            self.cut_upgraded();
+        }
+        in_force
+    }
+
     fn released(&self) {
         // SeqCst: the guard's half of the pattern described in `set_status`.
         if self.status.load(Ordering::SeqCst) == BackendStatus::Draining as u8 {
