@@ -33,6 +33,11 @@ use super::{
 };
 use crate::tls::{self, LoadedKey, SniCertificate};
 
+/// The longest duration a config may give: far beyond any timeout's use, and short enough that
+/// the current time plus it, or a cookie's `Max-Age` in seconds, never overflows. Ten years as
+/// humantime counts them (`"10y"`, years of 365.25 days).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
 /// Signing keys shorter than this are guessable; HMAC-SHA256 wants at least this much entropy.
 /// The admin token shares the floor: it guards the same proxy.
 const MIN_SECRET_BYTES: usize = 16;
@@ -1735,11 +1740,21 @@ impl Checker<'_> {
         }
     }
 
-    /// Parses a humantime duration; zero is rejected because every duration here bounds a wait.
+    /// Parses a humantime duration; zero is rejected because every duration here bounds a wait,
+    /// and so is one over [`MAX_DURATION`]: added to the current time, a large enough one
+    /// overflows, which would panic at the reload that starts a drain or on every connection.
     fn duration(&mut self, key: &str, raw: &Spanned<String>) -> Option<Duration> {
         match humantime::parse_duration(raw.get_ref()) {
             Ok(duration) if duration.is_zero() => {
                 let message = "duration must be greater than zero".to_owned();
+                self.report(key, Some(raw.span()), message);
+                None
+            }
+            Ok(duration) if duration > MAX_DURATION => {
+                let message = format!(
+                    "`{}` is too long: a duration may be at most 10 years",
+                    raw.get_ref()
+                );
                 self.report(key, Some(raw.span()), message);
                 None
             }
@@ -3131,6 +3146,25 @@ backends = [{ address = "127.0.0.1:9001" }]
             "pools.app.cookie.max_age",
             Some(10),
         );
+        // Added to the current time, these would overflow (a panic at the reload that starts a
+        // drain); as a cookie's Max-Age, the largest would turn negative.
+        for (key, text, line) in [
+            (
+                "pools.app.drain_timeout",
+                "drain_timeout = \"18446744073709551615s\"\n",
+                8,
+            ),
+            ("pools.app.drain_timeout", "drain_timeout = \"11y\"\n", 8),
+            (
+                "timeouts.client_header",
+                "[timeouts]\nclient_header = \"300000000000y\"\n",
+                9,
+            ),
+        ] {
+            let error = only_error(&format!("{pool}{text}"), key, Some(line));
+            assert!(error.message.contains("at most 10 years"), "{error}");
+        }
+        assert!(check(&format!("{pool}drain_timeout = \"10y\"\n")).is_ok());
         for (i, name) in [
             "connect",
             "response_header",
