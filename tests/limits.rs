@@ -496,3 +496,127 @@ async fn http2_concurrent_streams_are_bounded_at_256() {
     .await;
     drop(tx);
 }
+
+/// A backend that answers every request with `len` bytes, written in pieces `pause` apart: at
+/// once (a client's reading paces it), or slowly (the backend's own pace).
+async fn sized_backend(len: usize, pieces: usize, pause: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                let piece = vec![b'x'; len / pieces];
+                for _ in 0..pieces {
+                    tokio::time::sleep(pause).await;
+                    if s.write_all(&piece).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Keeps an HTTP/2 connection busy with a PING every 200 ms until it ends or `limit` passes;
+/// whether it ended.
+async fn ping_until_closed(ping: &mut h2::PingPong, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let pong = tokio::time::timeout(Duration::from_secs(1), ping.ping(h2::Ping::opaque()));
+        if !matches!(pong.await, Ok(Ok(_))) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// An HTTP/2 client that stops reading one response (never opens that stream's window again)
+/// while it keeps its connection busy with PINGs loses the connection `timeouts.idle` later, as
+/// nginx's `send_timeout` would have it: otherwise it would hold the backend's request (its
+/// `max_connections` slot, its drain) for as long as it liked. A response paced by a slow
+/// backend is not the client's doing and is left alone.
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_a_response_loses_its_connection() {
+    let stuck = sized_backend(4 << 20, 1, Duration::ZERO).await;
+    let slow = sized_backend(3_000, 10, Duration::from_millis(300)).await;
+    let config = format!(
+        r#"
+[[listeners]]
+listen = "127.0.0.1:0"
+
+[[routes]]
+path_prefix = "/slow"
+pool = "slow"
+
+[[routes]]
+pool = "stuck"
+
+[pools.stuck]
+strategy = "round_robin"
+backends = [{{ address = "{stuck}" }}]
+
+[pools.slow]
+strategy = "round_robin"
+backends = [{{ address = "{slow}" }}]
+
+[timeouts]
+idle = "1s"
+"#
+    );
+    let (server, proxy) = proxy(&config).await;
+    let in_flight = |backend| server.shared().registry.get(backend).unwrap().in_flight();
+
+    // The backend takes 3 s to send its body, 300 ms at a time: the response completes.
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (client, mut connection) = h2::client::handshake(stream).await.unwrap();
+    let mut ping = connection.ping_pong().unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = Request::get("http://limits.example/slow").body(()).unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let mut body = response.await.unwrap().into_body();
+    let mut read = 0;
+    while let Some(data) = body.data().await {
+        let data = data.expect("the slow body arrives whole");
+        read += data.len();
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    assert_eq!(read, 3_000);
+
+    // On the same connection, a response the client stops reading after its first window.
+    let request = Request::get("http://limits.example/big").body(()).unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let mut body = response.await.unwrap().into_body();
+    let mut read = 0;
+    while let Ok(Some(Ok(data))) =
+        tokio::time::timeout(Duration::from_millis(300), body.data()).await
+    {
+        read += data.len();
+    }
+    assert!(read > 0 && read < 4 << 20, "{read}");
+    assert_eq!(in_flight(stuck), 1);
+    let started = Instant::now();
+    assert!(
+        ping_until_closed(&mut ping, Duration::from_secs(6)).await,
+        "the connection was still open after 6 s"
+    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+    wait_until("the stuck request is let go", || in_flight(stuck) == 0).await;
+    let _ = connection.await;
+}

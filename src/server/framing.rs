@@ -35,6 +35,8 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use super::idle::Activity;
+
 /// What replaces a refused head: a request hyper reads without trouble, with no body, that ends
 /// the connection. The service never looks at it beyond its verdict.
 const STAND_IN: &[u8] = b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n";
@@ -196,10 +198,13 @@ pin_project! {
     /// drops it, which hyper does once the body's last frame is in its write buffer (or the
     /// response is abandoned). Until every request head handed on is answered, the connection
     /// is busy and does not let go of hyper (see [`CheckedIo::parks_when_idle`]).
+    /// It also tells the connection's idle check when it waits on the client to read (see
+    /// [`Activity::client_turn`]).
     pub(crate) struct Answered<B> {
         #[pin]
         body: B,
         counted: AnswerOnDrop,
+        turn: ClientTurn,
     }
 }
 
@@ -212,12 +217,36 @@ impl Drop for AnswerOnDrop {
     }
 }
 
+/// Whether, and since which period, a response body waits on the client, for [`Answered`].
+struct ClientTurn {
+    activity: Arc<Activity>,
+    since: Option<u32>,
+}
+
+impl ClientTurn {
+    fn end(&mut self) {
+        if let Some(period) = self.since.take() {
+            self.activity.client_read(period);
+        }
+    }
+}
+
+impl Drop for ClientTurn {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
 impl<B> Answered<B> {
-    /// Wraps the body of the answer to a request on the connection of `verdicts`.
-    pub(crate) fn new(body: B, verdicts: Arc<Verdicts>) -> Self {
+    /// Wraps the body of the answer to a request on the connection of `verdicts` and `activity`.
+    pub(crate) fn new(body: B, verdicts: Arc<Verdicts>, activity: Arc<Activity>) -> Self {
         Answered {
             body,
             counted: AnswerOnDrop(verdicts),
+            turn: ClientTurn {
+                activity,
+                since: None,
+            },
         }
     }
 }
@@ -230,7 +259,15 @@ impl<B: hyper::body::Body> hyper::body::Body for Answered<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        self.project().body.poll_frame(cx)
+        let mut this = self.project();
+        this.turn.end();
+        let polled = this.body.as_mut().poll_frame(cx);
+        // hyper asks for the next frame once the client has room for it; after the last one it
+        // does not ask again.
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.body.is_end_stream() {
+            this.turn.since = Some(this.turn.activity.client_turn());
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

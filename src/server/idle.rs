@@ -8,7 +8,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -38,14 +38,44 @@ const IDLE_CHECKS: u32 = 4;
 /// idle connection stayed resident, against 0.5–0.7 with 100 ms (`BENCHMARKS.md`, session 8).
 const DORMANT_AFTER: Duration = Duration::from_millis(100);
 
+/// Periods of the idle check over which a response body's wait on the client is dated: enough
+/// that the periods a body can be counted in are never confused with the one being checked.
+const DATED_PERIODS: usize = IDLE_CHECKS as usize + 2;
+
 /// What one client connection has been doing.
 #[derive(Debug, Default)]
 pub struct Activity {
     bytes: AtomicU64,
     waiting: AtomicU64,
+    /// The idle check's periods so far, which date a response body's wait on the client.
+    period: AtomicU32,
+    /// Response bodies waiting on the client (they handed hyper a frame, and hyper has not asked
+    /// for the next), by the period (modulo [`DATED_PERIODS`]) they began waiting in.
+    on_client: [AtomicU32; DATED_PERIODS],
 }
 
 impl Activity {
+    /// A response body handed hyper a frame, and waits for hyper to ask for the next: it is the
+    /// client's turn to read. Returns the period to give [`Activity::client_read`].
+    pub(crate) fn client_turn(&self) -> u32 {
+        let period = self.period.load(Ordering::Relaxed);
+        self.on_client[period as usize % DATED_PERIODS].fetch_add(1, Ordering::Relaxed);
+        period
+    }
+
+    /// hyper asked the body waiting since `period` for its next frame (or dropped it).
+    pub(crate) fn client_read(&self, period: u32) {
+        self.on_client[period as usize % DATED_PERIODS].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Starts the idle check's next period, and tells whether a response body has waited on the
+    /// client for `IDLE_CHECKS` whole periods (`timeouts.idle`).
+    fn next_period(&self) -> bool {
+        let period = self.period.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let since = period.wrapping_sub(IDLE_CHECKS + 1);
+        self.on_client[since as usize % DATED_PERIODS].load(Ordering::Relaxed) > 0
+    }
+
     /// Bytes moved in either direction so far.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
@@ -366,6 +396,15 @@ where
                 }
                 let peer = this.info.peer;
                 tracing::debug!(%peer, "idle client connection did not close; dropping it");
+                return Poll::Ready(());
+            }
+            if this.activity.next_period() {
+                // A client that stops reading one response (an HTTP/2 stream whose window it
+                // never opens, while it keeps the connection busy otherwise) would hold the
+                // backend's request, and its drain, for as long as it likes; nginx's
+                // `send_timeout` ends such a connection too.
+                let peer = this.info.peer;
+                tracing::debug!(%peer, "a response waited on the client for timeouts.idle; dropping the connection");
                 return Poll::Ready(());
             }
             // On schedule, unless this check ran late (then a full period from now).

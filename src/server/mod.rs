@@ -535,7 +535,7 @@ impl Server {
             if let Some(rejection) = verdict.rejection {
                 request.extensions_mut().insert(rejection);
             }
-            let answered = Arc::clone(&verdicts);
+            let answered = (Arc::clone(&verdicts), Arc::clone(&service_activity));
             // Only a request that asked to switch protocols reports back how it was answered.
             let upgrade = verdict.upgrade.then(|| {
                 (
@@ -554,7 +554,8 @@ impl Server {
                     verdicts.switched(switched);
                 }
                 drop(waiting);
-                Ok::<_, Infallible>(response.map(|body| Answered::new(body, answered)))
+                let (verdicts, activity) = answered;
+                Ok::<_, Infallible>(response.map(|body| Answered::new(body, verdicts, activity)))
             }
         });
         let serving = Serving::new(io, service, builders, idle_gauge);
