@@ -5,6 +5,7 @@
 //! takes the same path, one pool's backends replaced in the current config.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -551,14 +552,15 @@ impl Server {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event {
-                    let ours = event
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name().map(|n| n.to_owned()) == file_name);
-                    if ours && !event.kind.is_access() {
-                        let _ = tx.send(());
-                    }
+                let Ok(event) = event else { return };
+                // `..data`: a Kubernetes ConfigMap or Secret volume, where the file is a symlink
+                // through `..data`, which an update swaps by a rename.
+                let ours = event.paths.iter().any(|p| {
+                    let name = p.file_name();
+                    name == file_name.as_deref() || name == Some(OsStr::new("..data"))
+                });
+                if let (true, Some(change)) = (ours, FileChange::of(&event.kind)) {
+                    let _ = tx.send(change);
                 }
             })?;
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
@@ -567,13 +569,27 @@ impl Server {
         tokio::spawn(async move {
             let _watcher = watcher;
             loop {
-                tokio::select! {
+                let mut change = tokio::select! {
                     _ = stop.cancelled() => return,
-                    event = rx.recv() => if event.is_none() { return },
+                    change = rx.recv() => match change {
+                        Some(change) => change,
+                        None => return,
+                    },
+                };
+                // Writers often touch the file several times: read it once it has been quiet
+                // for a while, a short one after a close or a rename, a long one while a write
+                // is still open, so that a writer pausing mid-file is not read half-written.
+                loop {
+                    let quiet = match change {
+                        FileChange::Settled => SETTLED_QUIET,
+                        FileChange::Writing => WRITING_QUIET,
+                    };
+                    match tokio::time::timeout(quiet, rx.recv()).await {
+                        Err(_) => break,
+                        Ok(Some(next)) => change = next,
+                        Ok(None) => return,
+                    }
                 }
-                // Writers often touch the file several times; settle before reading it.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                while rx.try_recv().is_ok() {}
                 let Some(server) = server.upgrade() else {
                     return;
                 };
@@ -582,6 +598,35 @@ impl Server {
             }
         });
         Ok(())
+    }
+}
+
+/// How long the config file must be quiet after a close or a rename before it is read.
+const SETTLED_QUIET: Duration = Duration::from_millis(200);
+/// How long it must be quiet after a write while the writer still has it open: a writer that
+/// never closes it (or a platform that reports no closes) is read after this.
+const WRITING_QUIET: Duration = Duration::from_secs(2);
+
+/// What a file event says of the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileChange {
+    /// Written and closed, or replaced (created, renamed into place, removed): whole.
+    Settled,
+    /// Written, and perhaps still being written.
+    Writing,
+}
+
+impl FileChange {
+    fn of(kind: &notify::EventKind) -> Option<FileChange> {
+        use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+        match kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(_)) => Some(FileChange::Settled),
+            EventKind::Modify(_) | EventKind::Any | EventKind::Other => Some(FileChange::Writing),
+            EventKind::Access(_) => None,
+        }
     }
 }
 

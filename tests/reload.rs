@@ -284,6 +284,79 @@ async fn file_change_triggers_a_reload() {
     );
 }
 
+/// A writer that pauses mid-file, the file open, is not read half-written, even when the half
+/// is a valid config: the watcher waits for the file to be closed (or quiet for 2 s) before it
+/// reads it. Then the whole file is applied.
+#[tokio::test]
+async fn a_file_written_with_a_pause_is_read_once_whole() {
+    use std::io::Write;
+    let apps = apps(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        &one_pool("round_robin", &[(apps[0].addr(), 1)], ""),
+    );
+    let server = start_from(&path).await;
+    server.watch_config_file().unwrap();
+    let proxy = server.listen_addrs()[0];
+    let idle = || server.shared().snapshot.load().config.timeouts.idle;
+    assert_eq!(get(proxy, "/", &[]).await.backend(), "app1");
+
+    // The first half alone is a valid config (app2, the default idle); the second sets `idle`.
+    let mut file = std::fs::File::create(&path).unwrap();
+    let half = one_pool("round_robin", &[(apps[1].addr(), 1)], "");
+    file.write_all(half.as_bytes()).unwrap();
+    file.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        get(proxy, "/", &[]).await.backend(),
+        "app1",
+        "the half-written file was applied"
+    );
+    file.write_all(b"[timeouts]\nidle = \"7s\"\n").unwrap();
+    drop(file);
+    wait_until("the whole file is applied", || {
+        idle() == Duration::from_secs(7)
+    })
+    .await;
+    assert_eq!(get(proxy, "/", &[]).await.backend(), "app2");
+}
+
+/// A Kubernetes ConfigMap volume updates the file by swapping the `..data` symlink it goes
+/// through (a rename), never touching the file's own name: the watcher follows that too.
+#[tokio::test]
+async fn a_configmap_style_symlink_swap_triggers_a_reload() {
+    use std::os::unix::fs::symlink;
+    let apps = apps(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let version = |name: &str, app: &switchyard::demo::AppServer| {
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+        let text = one_pool("round_robin", &[(app.addr(), 1)], "");
+        std::fs::write(dir.path().join(name).join("proxy.toml"), text).unwrap();
+    };
+    version("..2026_11_23_a", &apps[0]);
+    symlink("..2026_11_23_a", dir.path().join("..data")).unwrap();
+    let path = dir.path().join("proxy.toml");
+    symlink("..data/proxy.toml", &path).unwrap();
+    let server = start_from(&path).await;
+    server.watch_config_file().unwrap();
+    let proxy = server.listen_addrs()[0];
+    assert_eq!(get(proxy, "/", &[]).await.backend(), "app1");
+
+    version("..2026_11_23_b", &apps[1]);
+    symlink("..2026_11_23_b", dir.path().join("..data_tmp")).unwrap();
+    std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+    let mut backend = String::new();
+    for _ in 0..100 {
+        backend = get(proxy, "/", &[]).await.backend();
+        if backend == "app2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(backend, "app2", "the swap was not picked up within 5s");
+}
+
 #[test]
 fn sighup_triggers_a_reload_of_the_binary() {
     let rt = tokio::runtime::Runtime::new().unwrap();
