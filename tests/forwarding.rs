@@ -164,7 +164,7 @@ async fn host_with_a_port_and_absolute_form_targets_route_as_rfc_9112_says() {
 #[tokio::test]
 async fn a_missing_repeated_or_invalid_host_is_400_and_closes() {
     let (backends, proxy, _server) = routed().await;
-    let cases: [(&str, &[u8]); 6] = [
+    let cases: [(&str, &[u8]); 8] = [
         ("missing", b"GET / HTTP/1.1\r\n\r\n"),
         (
             "missing, absolute form",
@@ -185,6 +185,15 @@ async fn a_missing_repeated_or_invalid_host_is_400_and_closes() {
         (
             "userinfo in Host",
             b"GET / HTTP/1.1\r\nhost: me@only.example\r\n\r\n",
+        ),
+        // The target's authority would become the backend's Host: it is held to the same rules.
+        (
+            "userinfo in an absolute-form target",
+            b"GET http://evil@only.example/ HTTP/1.1\r\nhost: only.example\r\n\r\n",
+        ),
+        (
+            "a port that is not digits in an absolute-form target",
+            b"GET http://only.example:abc/ HTTP/1.1\r\nhost: only.example\r\n\r\n",
         ),
     ];
     for (name, request) in cases {

@@ -220,6 +220,17 @@ pub fn check_host(version: Version, headers: &HeaderMap) -> Result<(), &'static 
     }
 }
 
+/// A target's authority (absolute form, or HTTP/2's `:authority`) is held to what a `Host` may
+/// be: it becomes the backend's `Host`, so `user@host` (RFC 9110 §4.2.4 deprecates userinfo;
+/// RFC 9113 §8.3.1 forbids it) or a port that is not digits would reach the backend as a `Host`
+/// this proxy itself refuses.
+pub fn check_authority(uri: &http::Uri) -> Result<(), &'static str> {
+    match uri.authority() {
+        Some(authority) if !is_host(authority.as_str().as_bytes()) => Err("invalid authority"),
+        _ => Ok(()),
+    }
+}
+
 /// `uri-host [ ":" port ]`, or empty (RFC 9112 §3.2 lets a target without authority send that).
 fn is_host(value: &[u8]) -> bool {
     if value.is_empty() {
@@ -476,6 +487,17 @@ mod tests {
                 Err("invalid Host header"),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn an_authority_must_be_what_a_host_may_be() {
+        let check = |target: &str| check_authority(&target.parse().unwrap());
+        assert_eq!(check("/x"), Ok(()));
+        assert_eq!(check("http://a.example:8080/x"), Ok(()));
+        assert_eq!(check("http://[::1]:80/"), Ok(()));
+        for bad in ["http://evil@a.example/", "http://a.example:abc/"] {
+            assert_eq!(check(bad), Err("invalid authority"), "{bad}");
         }
     }
 

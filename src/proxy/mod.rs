@@ -205,6 +205,7 @@ async fn forward(
     record: &mut Record,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     headers::check_host(request.version(), request.headers())
+        .and_then(|()| headers::check_authority(request.uri()))
         .map_err(|reason| ProxyError::BadRequest { reason })?;
     let host = headers::request_host(request.uri(), request.headers());
     let pool_index = snapshot
