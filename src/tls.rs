@@ -90,9 +90,16 @@ pub enum PemError {
 }
 
 impl PemError {
-    /// Whether the problem is with the key file (else it is with the certificate or CA file).
-    pub fn is_about_key(&self) -> bool {
-        matches!(self, PemError::NoKey { .. } | PemError::Unusable { .. })
+    /// The file the problem is in: for a key that does not go with its certificate, the key's.
+    pub fn file(&self) -> &Path {
+        match self {
+            PemError::Read { path, .. }
+            | PemError::Pem { path, .. }
+            | PemError::NoCertificate { path }
+            | PemError::NoKey { path }
+            | PemError::BadCa { path, .. } => path,
+            PemError::Unusable { key, .. } => key,
+        }
     }
 }
 

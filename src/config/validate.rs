@@ -538,7 +538,17 @@ impl Checker<'_> {
         match tls::load_key_pair(&cert_path, &key_path) {
             Ok(loaded) => Some((cert_path, key_path, loaded)),
             Err(error) => {
-                let (which, span) = if error.is_about_key() {
+                // Certificate and key may be one file: then a problem is the certificate's
+                // unless it is the key's by nature.
+                let about_key = if cert_path == key_path {
+                    matches!(
+                        error,
+                        tls::PemError::NoKey { .. } | tls::PemError::Unusable { .. }
+                    )
+                } else {
+                    error.file() == key_path
+                };
+                let (which, span) = if about_key {
                     ("key", private.map(Spanned::span))
                 } else {
                     ("cert", cert.map(Spanned::span))
@@ -3504,6 +3514,26 @@ backends = [{ address = "127.0.0.1:9001" }]
             3,
         );
         assert!(error.message.contains("cannot be used with"), "{error}");
+
+        // A key file that cannot be read, or is not PEM, is the key's problem too.
+        let error = only_error_in(
+            dir.path(),
+            &listener(r#"{ cert = "a.crt", key = "missing.key" }"#),
+            "listeners[0].tls.key",
+            3,
+        );
+        assert!(error.message.contains("missing.key"), "{error}");
+        std::fs::write(
+            dir.path().join("broken.key"),
+            "-----BEGIN PRIVATE KEY-----\n!!!\n",
+        )
+        .unwrap();
+        only_error_in(
+            dir.path(),
+            &listener(r#"{ cert = "a.crt", key = "broken.key" }"#),
+            "listeners[0].tls.key",
+            3,
+        );
 
         only_error_in(
             dir.path(),
