@@ -1670,18 +1670,25 @@ impl Checker<'_> {
         let Some(rest) = text.strip_prefix("https://") else {
             let plain = text.strip_prefix("http://").unwrap_or(text);
             let plain = Spanned::new(raw.span(), plain.to_owned());
-            return self.socket_addr(key, &plain).map(|address| (address, None));
+            let address = self.socket_addr(key, &plain)?;
+            // A listener may take port 0 (any free port); nothing can be reached there.
+            if address.port() == 0 {
+                let message = format!("`{text}` has port 0, where no backend can listen");
+                self.report(key, Some(raw.span()), message);
+                return None;
+            }
+            return Some((address, None));
         };
         let bad = |detail: &str| format!("`{text}` is not an https://HOST:port address: {detail}");
         let (host, port) = match rest.rsplit_once(':') {
             // Not `[v6]` alone, whose colons are the address's own.
             Some((host, port)) if !rest.ends_with(']') => match port.parse::<u16>() {
-                Ok(port) => (host, port),
-                Err(_) => {
+                Ok(port) if port != 0 => (host, port),
+                _ => {
                     self.report(
                         key,
                         Some(raw.span()),
-                        bad("the port must be a number up to 65535"),
+                        bad("the port must be a number from 1 to 65535"),
                     );
                     return None;
                 }
@@ -3680,6 +3687,10 @@ backends = [
             "https://127.0.0.1:9443/api",
             "https://ex ample:1",
             "https://a.example:http",
+            // Port 0 is "any free port" to a listener; no backend can be reached there.
+            "https://127.0.0.1:0",
+            "127.0.0.1:0",
+            "http://127.0.0.1:0",
         ] {
             let text = pool(&format!("{{ address = \"{bad}\" }}"), "");
             let error = only_error_in(dir.path(), &text, "pools.app.backends[0].address", 6);
