@@ -33,6 +33,9 @@ pub struct Pool {
     /// This pool's requests and upgraded connections in flight, counted only for pools with a
     /// `balance_factor` (their bound is a multiple of the average).
     pub load: Option<Arc<AtomicU64>>,
+    /// Gone from the config: kept, with no route to it, only while backends it had still drain,
+    /// so that their state and metrics stay visible until their drains end.
+    pub removed: bool,
 }
 
 impl Pool {
@@ -83,7 +86,8 @@ impl Snapshot {
     /// Builds a snapshot, taking each backend's live state from `registry` (creating it for new
     /// addresses) and its metric handles from `metrics` (dropping the series of pairs that are gone).
     /// Members of `previous` that are draining, or in `leaving` (about to be drained by the
-    /// caller), and whose pool still exists stay reachable after the active ones.
+    /// caller), stay: reachable after the active ones where their pool still exists, and in a
+    /// pool kept as [`Pool::removed`] where it does not.
     pub fn build(
         config: Arc<Config>,
         registry: &Registry,
@@ -91,7 +95,7 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         leaving: &[SocketAddr],
     ) -> Self {
-        let pools: Vec<Pool> = config
+        let mut pools: Vec<Pool> = config
             .pools
             .values()
             .map(|pool_config| {
@@ -133,9 +137,40 @@ impl Snapshot {
                     strategy,
                     metrics: metrics.pool(&pool_config.name),
                     member_metrics,
+                    removed: false,
                 }
             })
             .collect();
+        let removed = previous
+            .iter()
+            .flat_map(|p| &p.pools)
+            .filter(|old| !config.pools.contains_key(old.name()));
+        for old in removed {
+            let members: Vec<Member> = old
+                .members
+                .iter()
+                .filter(|m| m.state.is_draining() || leaving.contains(&m.spec.address))
+                .cloned()
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            pools.push(Pool {
+                strategy: balance::build(&old.config, &members, 0),
+                member_metrics: members
+                    .iter()
+                    .map(|m| metrics.member(old.name(), m.spec.address))
+                    .collect(),
+                config: old.config.clone(),
+                members,
+                active: 0,
+                metrics: metrics.pool(old.name()),
+                load: None,
+                removed: true,
+            });
+        }
+        // Name order, as the config's (routes are resolved by name below).
+        pools.sort_by(|a, b| a.name().cmp(b.name()));
         // Last, once the slow part (the strategies' tables) is done, and before the snapshot is
         // published: a backend whose TLS settings changed closes its idle connections, and pools
         // none that requests routed on the old snapshot make (`ConnPool::use_tls`). Members

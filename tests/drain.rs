@@ -360,6 +360,82 @@ async fn ws_echo(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, text: &
 // Removed by a reload
 // ---------------------------------------------------------------------------------------------
 
+/// Two pools, `app` for everything and `other` for `/sleep`, each with one backend, and an
+/// admin listener; without `other` when `with_other` is false.
+fn two_pools(app: SocketAddr, other: SocketAddr, with_other: bool) -> String {
+    let other_pool = format!(
+        "[[routes]]\npath_prefix = \"/sleep\"\npool = \"other\"\n\n\
+         [pools.other]\nstrategy = \"round_robin\"\ndrain_timeout = \"5s\"\n\
+         backends = [{{ address = \"{other}\" }}]\n\n"
+    );
+    format!(
+        "{ADMIN}\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n{}[[routes]]\npool = \"app\"\n\n\
+         [pools.app]\nstrategy = \"round_robin\"\nbackends = [{{ address = \"{app}\" }}]\n",
+        if with_other { other_pool.as_str() } else { "" }
+    )
+}
+
+/// A backend whose whole pool a reload removes still drains, and stays visible while it does: its
+/// pool is listed in `/status` as `removed`, with the backend draining and its request in flight,
+/// and its metric series stay; once the drain ends, the pool, the backend and the series go.
+#[tokio::test]
+async fn a_backend_of_a_removed_pool_is_visible_until_its_drain_ends() {
+    let apps = apps(2).await;
+    let (app, other) = (apps[0].addr(), apps[1].addr());
+    let (server, proxy) = proxy(&two_pools(app, other, true)).await;
+    let run = Running {
+        admin: server.admin_addr().unwrap(),
+        server,
+        proxy,
+    };
+    let slow = tokio::spawn(async move { get(proxy, "/sleep/1000", &[]).await });
+    wait_until("the slow request is in flight", || apps[1].in_flight() == 1).await;
+
+    run.server
+        .reload(config(&two_pools(app, other, false)))
+        .await
+        .expect("reload succeeds");
+    let status = run.status().await;
+    let pool = status["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "other")
+        .unwrap_or_else(|| panic!("the removed pool is listed while it drains: {status}"))
+        .clone();
+    assert_eq!(pool["removed"], true, "{pool}");
+    let backend = &pool["backends"][0];
+    assert_eq!(backend["address"], other.to_string(), "{pool}");
+    assert_eq!(backend["state"], "draining", "{pool}");
+    assert_eq!(backend["in_flight"], 1, "{pool}");
+    let series = "pool=\"other\"";
+    let (_, metrics) = run.admin("GET", "/metrics").await;
+    assert!(metrics.as_str().unwrap().contains(series), "{metrics}");
+    // Nothing routes to it: every request goes to `app`, `/sleep` included.
+    assert_eq!(get(proxy, "/sleep/1", &[]).await.backend(), "app1");
+
+    assert_eq!(slow.await.unwrap().status, 200);
+    run.wait_for_drains("drained", 1).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = run.status().await;
+        let pools = status["pools"].as_array().unwrap();
+        if pools.iter().all(|p| p["name"] != "other") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pool stayed: {status}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, metrics) = run.admin("GET", "/metrics").await;
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.contains(series) && l.contains(&other.to_string())),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn removed_backend_takes_no_new_requests_and_finishes_the_one_it_has() {
     let apps = apps(2).await;

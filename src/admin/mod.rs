@@ -225,6 +225,8 @@ struct PoolStatus {
     strategy: &'static str,
     /// For a discovered pool: its source and what it last did; `null` for a listed pool.
     discovery: Option<DiscoveryStatus>,
+    /// Gone from the config, listed only while backends it had still drain.
+    removed: bool,
     backends: Vec<serde_json::Value>,
 }
 
@@ -238,6 +240,7 @@ fn status(server: &Server) -> Status {
                 name: pool.name().to_owned(),
                 strategy: pool.config.strategy.as_str(),
                 discovery: server.discovery.status(pool.name()),
+                removed: pool.removed,
                 backends: pool
                     .members
                     .iter()

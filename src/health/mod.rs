@@ -564,9 +564,9 @@ pub(crate) fn check_outages(shared: &Shared, backend: Option<SocketAddr>) {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     if backend.is_none() {
-        outages.retain(|name| snapshot.pool(name).is_some());
+        outages.retain(|name| snapshot.pool(name).is_some_and(|p| !p.removed));
     }
-    for pool in &snapshot.pools {
+    for pool in snapshot.pools.iter().filter(|p| !p.removed) {
         let actives = &pool.members[..pool.active];
         if backend.is_some_and(|b| !actives.iter().any(|m| m.spec.address == b)) {
             continue;
