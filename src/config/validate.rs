@@ -226,6 +226,7 @@ impl Checker<'_> {
             .collect();
         self.one_health_check_per_address(raw, &pools);
         self.one_tls_setting_per_address(raw, &pools);
+        self.one_cookie_per_name_and_host(raw, &pools, &routes);
         let timeouts = self.timeouts(raw.timeouts.as_ref());
         let limits = self.limits(raw.limits.as_ref());
         let log_format = self.log_format(raw.log_format.as_ref());
@@ -869,6 +870,58 @@ impl Checker<'_> {
 
     /// A backend has one connection pool, so every pool naming its address must speak to it the
     /// same way: plain or TLS, with the same host and `ca`.
+    /// Two `cookie` pools a browser can reach on one host must name their cookies apart: the
+    /// cookie is the host's (`Path=/`, no `Domain`), so each pool would take the other's for a
+    /// forgery, and a client of both would be placed anew on every switch.
+    fn one_cookie_per_name_and_host(
+        &mut self,
+        raw: &RawConfig,
+        pools: &BTreeMap<String, PoolConfig>,
+        routes: &[RouteConfig],
+    ) {
+        // The hosts routed to each cookie pool; `None` in the list is every host.
+        let hosts = |name: &str| -> Vec<Option<String>> {
+            routes
+                .iter()
+                .filter(|r| r.pool == name)
+                .map(|r| r.host.as_ref().map(|h| h.to_ascii_lowercase()))
+                .collect()
+        };
+        let shared = |a: &[Option<String>], b: &[Option<String>]| {
+            a.iter()
+                .any(|x| b.iter().any(|y| x.is_none() || y.is_none() || x == y))
+        };
+        let sticky: Vec<(&String, &CookieConfig)> = pools
+            .iter()
+            .filter(|(_, pool)| pool.strategy == StrategyKind::Cookie)
+            .filter_map(|(name, pool)| Some((name, pool.cookie.as_ref()?)))
+            .collect();
+        for (i, (name, cookie)) in sticky.iter().enumerate() {
+            let clash = sticky[..i].iter().find(|(other, theirs)| {
+                theirs.name == cookie.name && shared(&hosts(other), &hosts(name))
+            });
+            let Some((other, _)) = clash else { continue };
+            let message = format!(
+                "cookie `{}` is also pool `{other}`'s, on a host both are routed from: a client of \
+                 both would lose its place in one each time it used the other; give each pool its \
+                 own cookie name",
+                cookie.name
+            );
+            let span = raw
+                .pools
+                .iter()
+                .find(|(k, _)| k.get_ref() == *name)
+                .map(|(k, pool)| {
+                    pool.cookie
+                        .as_ref()
+                        .and_then(|c| c.name.as_ref())
+                        .map_or(k.span(), Spanned::span)
+                });
+            let key = format!("pools.{}.cookie.name", key_segment(name));
+            self.report(&key, span, message);
+        }
+    }
+
     fn one_tls_setting_per_address(
         &mut self,
         raw: &RawConfig,
@@ -1817,7 +1870,11 @@ fn parse_status_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
 fn toml_error(text: &str, file: &Path, error: &toml::de::Error) -> ConfigError {
     let offset = error.span().map(|span| span.start);
     let mut key = offset
-        .map(|offset| locate(text, offset).unwrap_or_else(|| scan_key(text, offset)))
+        .map(|offset| {
+            header_at(text, offset)
+                .or_else(|| locate(text, offset))
+                .unwrap_or_else(|| scan_key(text, offset))
+        })
         .unwrap_or_default();
     let mut message = describe(error.message());
     // toml cannot span a table that is only implied (`secret.value = …`), so where a spanned
@@ -1890,14 +1947,40 @@ fn locate(text: &str, offset: usize) -> Option<String> {
         .map(|(_, key)| key)
 }
 
-/// Best-effort key for a syntax error, when the document cannot be parsed at all: the last
-/// table header before the error's line plus the key written on that line, if any.
-fn scan_key(text: &str, offset: usize) -> String {
+/// The table an error at `offset` is about when it points into a table header (`[pools.app]`
+/// twice, `[listeners]` where `[[listeners]]` is meant): the header's own name, not the last key
+/// before it. An array header's entry is numbered as [`scan_key`] numbers it.
+/// An error about one part of a dotted header (`[pool.app]`: unknown `pool`) names that far.
+fn header_at(text: &str, offset: usize) -> Option<String> {
     let offset = floor_char_boundary(text, offset);
     let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = line_start
+        + text[line_start..]
+            .find('\n')
+            .unwrap_or(text.len() - line_start);
+    let line = &text[line_start..line_end];
+    let indent = line.len() - line.trim_start().len();
+    let brackets = line[indent..].bytes().take_while(|&b| b == b'[').count();
+    if brackets == 0 {
+        return None;
+    }
+    let name_start = line_start + indent + brackets;
+    let name_end = line_start + line.find(']')?;
+    let whole = || Some(table_before(&text[..line_end])).filter(|table| !table.is_empty());
+    if offset < name_start || offset >= name_end {
+        return whole();
+    }
+    match text[offset..name_end].find('.') {
+        Some(dot) => Some(dotted(&text[name_start..offset + dot])),
+        None => whole(),
+    }
+}
+
+/// The table the last header in `text` opens (`pools.app`, `listeners[1]`), or empty.
+fn table_before(text: &str) -> String {
     let mut table = String::new();
     let mut array_counts: HashMap<String, usize> = HashMap::new();
-    for line in text[..line_start].lines() {
+    for line in text.lines() {
         let line = line.trim_start();
         if let Some((name, _)) = line.strip_prefix("[[").and_then(|r| r.split_once("]]")) {
             let name = dotted(name);
@@ -1908,6 +1991,15 @@ fn scan_key(text: &str, offset: usize) -> String {
             table = dotted(name);
         }
     }
+    table
+}
+
+/// Best-effort key for a syntax error, when the document cannot be parsed at all: the last
+/// table header before the error's line plus the key written on that line, if any.
+fn scan_key(text: &str, offset: usize) -> String {
+    let offset = floor_char_boundary(text, offset);
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let table = table_before(&text[..line_start]);
     let key = text[line_start..]
         .lines()
         .next()
@@ -3472,6 +3564,53 @@ backends = [{ address = "127.0.0.1:9001" }]
         )
         .unwrap();
         assert_ne!(rotated.listeners, config.listeners);
+    }
+
+    #[test]
+    fn an_error_in_a_table_header_names_that_table() {
+        let pool = "[pools.app]\nstrategy = \"round_robin\"\nbackends = [{ address = \"127.0.0.1:9001\" }]\n";
+        let listener = "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n";
+        let error = only_error(&format!("{listener}\n{pool}\n{pool}"), "pools.app", Some(8));
+        assert!(error.message.contains("duplicate key"), "{error}");
+        let admin = "[admin]\nlisten = \"127.0.0.1:9901\"\n";
+        let error = only_error(
+            &format!("{admin}\n[listeners]\nlisten = \"127.0.0.1:8080\"\n\n{pool}"),
+            "listeners",
+            Some(4),
+        );
+        assert!(error.message.contains("expected a sequence"), "{error}");
+    }
+
+    #[test]
+    fn cookie_pools_reachable_on_one_host_need_their_own_cookie_names() {
+        let text = |a_host: &str, b_host: &str, b_cookie: &str| {
+            format!(
+                "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n\n\
+                 [[routes]]\n{a_host}path_prefix = \"/a\"\npool = \"a\"\n\n\
+                 [[routes]]\n{b_host}pool = \"b\"\n\n\
+                 [pools.a]\nstrategy = \"cookie\"\nbackends = [{{ address = \"127.0.0.1:9001\" }}]\n\
+                 [pools.a.cookie]\nsecret = \"0123456789abcdef-a\"\n\n\
+                 [pools.b]\nstrategy = \"cookie\"\nbackends = [{{ address = \"127.0.0.1:9002\" }}]\n\
+                 [pools.b.cookie]\nsecret = \"0123456789abcdef-b\"\n{b_cookie}"
+            )
+        };
+        // Both under the default name, on every host: the second pool's name is the error.
+        let error = only_error(&text("", "", ""), "pools.b.cookie.name", Some(17));
+        assert!(error.message.contains("also pool `a`'s"), "{error}");
+        // One host in common.
+        only_error(
+            &text("host = \"A.example\"\n", "host = \"a.example\"\n", ""),
+            "pools.b.cookie.name",
+            Some(19),
+        );
+        // Named apart, or on hosts apart (a cookie without Domain is its host's alone): fine.
+        assert!(check(&text("", "", "name = \"b_affinity\"\n")).is_ok());
+        assert!(check(&text(
+            "host = \"a.example\"\n",
+            "host = \"b.example\"\n",
+            ""
+        ))
+        .is_ok());
     }
 
     #[test]
