@@ -416,7 +416,13 @@ async fn listeners_are_added_and_removed_and_a_bad_address_changes_nothing() {
     );
     write(dir.path(), &three);
     let error = server.reload_from_file().await.expect_err("bind fails");
-    assert!(error.to_string().contains("cannot listen on"), "{error}");
+    // The file and the key, as config errors name them (the third listener is the one taken).
+    assert!(
+        error
+            .to_string()
+            .contains("proxy.toml: listeners[2].listen: cannot listen on"),
+        "{error}"
+    );
     assert_eq!(get(second, "/", &[]).await.status, 200);
 
     // Back to one listener: the second stops accepting.

@@ -364,8 +364,15 @@ impl Checker<'_> {
             };
             // Port 0 asks the OS for a fresh port on every bind, so two of them never clash.
             if address.port() != 0 {
-                if let Some(first) = taken.get(&address) {
-                    let message = format!("address {address} is already used by {first}");
+                if let Some((other, first)) = taken.iter().find(|(a, _)| binds_over(**a, address)) {
+                    let message = if *other == address {
+                        format!("address {address} is already used by {first}")
+                    } else {
+                        format!(
+                            "address {address} overlaps {other} ({first}): an unspecified address \
+                             takes its port on every interface, so one of them could not be bound"
+                        )
+                    };
                     self.report(&key, Some(listen.span()), message);
                 } else {
                     taken.insert(address, key);
@@ -1839,6 +1846,19 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// Whether binding `a` and `b` at once fails: the same address, or the same port where one of them
+/// is unspecified (`0.0.0.0` takes the port on every IPv4 address; `[::]`, dual-stack by default
+/// on Linux, on every address of both families).
+fn binds_over(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() {
+        return false;
+    }
+    let covers = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a == b || covers(a, b) || covers(b, a)
 }
 
 /// Parses `expected_status`: comma-separated statuses (`200`) or inclusive ranges (`200-399`).
@@ -3564,6 +3584,33 @@ backends = [{ address = "127.0.0.1:9001" }]
         )
         .unwrap();
         assert_ne!(rotated.listeners, config.listeners);
+    }
+
+    #[test]
+    fn listeners_that_could_not_all_be_bound_are_refused() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "[[listeners]]\nlisten = \"{a}\"\n\n[[listeners]]\nlisten = \"{b}\"\n\n\
+                 [pools.app]\nstrategy = \"round_robin\"\nbackends = [{{ address = \"127.0.0.1:9001\" }}]\n"
+            )
+        };
+        for (a, b) in [
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("[::]:8080", "127.0.0.1:8080"),
+            ("[::1]:8080", "[::]:8080"),
+        ] {
+            let error = only_error(&two(a, b), "listeners[1].listen", Some(5));
+            assert!(error.message.contains("overlaps"), "{a} {b}: {error}");
+        }
+        for (a, b) in [
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+            ("0.0.0.0:8080", "[::1]:8080"),
+            ("0.0.0.0:8080", "0.0.0.0:8081"),
+            ("0.0.0.0:0", "127.0.0.1:0"),
+        ] {
+            assert!(check(&two(a, b)).is_ok(), "{a} {b}");
+        }
     }
 
     #[test]

@@ -158,7 +158,7 @@ impl Server {
     /// Pools with `[discovery]` start empty; connections are accepted once every source has
     /// answered (or failed) once, or after 5 seconds, whichever comes first.
     pub async fn start(config: Config) -> std::io::Result<Arc<Server>> {
-        let bound = bind_all(&wanted_listeners(&config))?;
+        let bound = bind_all(&config, &wanted_listeners(&config))?;
         for pool in config.generated_secrets() {
             crate::reload::warn_generated_secret(&pool);
         }
@@ -262,7 +262,7 @@ impl Server {
                 .filter(|key| !listeners.contains_key(key))
                 .collect()
         };
-        bind_all(&missing)
+        bind_all(config, &missing)
     }
 
     /// Stops the listeners the current snapshot's config no longer names.
@@ -774,16 +774,41 @@ fn proxy_listeners(config: &Config) -> Vec<(ListenerKey, &ListenerConfig)> {
 }
 
 /// Binds every address, or none: a failure drops what was already bound.
-fn bind_all(keys: &[ListenerKey]) -> std::io::Result<Vec<(ListenerKey, TcpListener)>> {
+fn bind_all(
+    config: &Config,
+    keys: &[ListenerKey],
+) -> std::io::Result<Vec<(ListenerKey, TcpListener)>> {
     let mut bound = Vec::with_capacity(keys.len());
     for &key in keys {
         let address = key.1;
         let listener = listen(address).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
+            let (file, name) = (config.path.display(), key_name(config, key));
+            std::io::Error::new(
+                e.kind(),
+                format!("{file}: {name}: cannot listen on {address}: {e}"),
+            )
         })?;
         bound.push((key, listener));
     }
     Ok(bound)
+}
+
+/// The config key a listener comes from: `admin.listen`, or `listeners[i].listen`.
+fn key_name(config: &Config, key: ListenerKey) -> String {
+    let (role, address, seen) = key;
+    if role == Role::Admin {
+        return "admin.listen".to_owned();
+    }
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.listen == address)
+        .nth(seen)
+        .map_or_else(
+            || "listeners".to_owned(),
+            |(i, _)| format!("listeners[{i}].listen"),
+        )
 }
 
 /// A listening socket as `TcpListener::bind` makes one on Unix (`SO_REUSEADDR`), with a backlog of
