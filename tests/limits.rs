@@ -620,3 +620,33 @@ idle = "1s"
     wait_until("the stuck request is let go", || in_flight(stuck) == 0).await;
     let _ = connection.await;
 }
+
+/// An HTTP/2 client that reads a long response steadily, opening its window as it goes, keeps its
+/// connection past `timeouts.idle`, though its stream often waits on it for a moment.
+#[tokio::test]
+async fn a_steady_http2_reader_keeps_its_connection() {
+    let backend = sized_backend(64 << 20, 1, Duration::ZERO).await;
+    let tail = "[timeouts]\nidle = \"1s\"\n";
+    let (_server, proxy) = proxy(&one_pool("round_robin", &[(backend, 1)], tail)).await;
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (client, connection) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = Request::get("http://limits.example/big").body(()).unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let mut body = response.await.unwrap().into_body();
+    // About 1 MB/s for 3 s, three times `idle`.
+    let started = Instant::now();
+    let mut read = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let data = tokio::time::timeout(Duration::from_secs(2), body.data())
+            .await
+            .expect("data keeps coming")
+            .expect("the stream is open")
+            .unwrap_or_else(|e| panic!("after {:?}, {read} bytes: {e}", started.elapsed()));
+        read += data.len();
+        let _ = body.flow_control().release_capacity(data.len());
+        tokio::time::sleep(Duration::from_millis(data.len() as u64 / 1_000)).await;
+    }
+    assert!(read > 1 << 20, "{read}");
+}

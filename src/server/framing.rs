@@ -198,8 +198,8 @@ pin_project! {
     /// drops it, which hyper does once the body's last frame is in its write buffer (or the
     /// response is abandoned). Until every request head handed on is answered, the connection
     /// is busy and does not let go of hyper (see [`CheckedIo::parks_when_idle`]).
-    /// It also tells the connection's idle check when it waits on the client to read (see
-    /// [`Activity::client_turn`]).
+    /// Over HTTP/2 it also tells the connection's idle check when it waits on the client to read
+    /// (see [`Activity::client_turn`]).
     pub(crate) struct Answered<B> {
         #[pin]
         body: B,
@@ -218,15 +218,26 @@ impl Drop for AnswerOnDrop {
 }
 
 /// Whether, and since which period, a response body waits on the client, for [`Answered`].
+///
+/// HTTP/2 only. hyper asks an HTTP/2 body for more as soon as its stream has window again, which
+/// a client that reads at all, however slowly, keeps opening. An HTTP/1 body can wait on hyper's
+/// write buffer (up to 16 frames) for longer while a slow client is reading steadily; there the
+/// connection's own idle rule (no byte moved) is the one that tells a client that does not read.
 struct ClientTurn {
-    activity: Arc<Activity>,
+    activity: Option<Arc<Activity>>,
     since: Option<u32>,
 }
 
 impl ClientTurn {
+    fn begin(&mut self) {
+        if let Some(activity) = &self.activity {
+            self.since = Some(activity.client_turn());
+        }
+    }
+
     fn end(&mut self) {
-        if let Some(period) = self.since.take() {
-            self.activity.client_read(period);
+        if let (Some(period), Some(activity)) = (self.since.take(), &self.activity) {
+            activity.client_read(period);
         }
     }
 }
@@ -238,8 +249,9 @@ impl Drop for ClientTurn {
 }
 
 impl<B> Answered<B> {
-    /// Wraps the body of the answer to a request on the connection of `verdicts` and `activity`.
-    pub(crate) fn new(body: B, verdicts: Arc<Verdicts>, activity: Arc<Activity>) -> Self {
+    /// Wraps the body of the answer to a request on the connection of `verdicts`; `activity` is
+    /// the connection's for an HTTP/2 request, else none.
+    pub(crate) fn new(body: B, verdicts: Arc<Verdicts>, activity: Option<Arc<Activity>>) -> Self {
         Answered {
             body,
             counted: AnswerOnDrop(verdicts),
@@ -265,7 +277,7 @@ impl<B: hyper::body::Body> hyper::body::Body for Answered<B> {
         // hyper asks for the next frame once the client has room for it; after the last one it
         // does not ask again.
         if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.body.is_end_stream() {
-            this.turn.since = Some(this.turn.activity.client_turn());
+            this.turn.begin();
         }
         polled
     }

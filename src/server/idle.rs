@@ -39,8 +39,11 @@ const IDLE_CHECKS: u32 = 4;
 const DORMANT_AFTER: Duration = Duration::from_millis(100);
 
 /// Periods of the idle check over which a response body's wait on the client is dated: enough
-/// that the periods a body can be counted in are never confused with the one being checked.
-const DATED_PERIODS: usize = IDLE_CHECKS as usize + 2;
+/// that the periods a body can be counted in (`IDLE_CHECKS + 2` of them) are never confused with
+/// the one being checked, and a power of two, so that the period counter's wrapping (it starts
+/// at 0, and `next_period` looks back from it) agrees with the ring's.
+const DATED_PERIODS: usize = 8;
+const _: () = assert!(DATED_PERIODS.is_power_of_two() && DATED_PERIODS >= IDLE_CHECKS as usize + 2);
 
 /// What one client connection has been doing.
 #[derive(Debug, Default)]
@@ -552,5 +555,40 @@ where
         });
         let watched = Watched::new(serving, activity, info, idle, held, Arc::clone(dormant));
         dormant.tracker.spawn(watched);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body waiting on the client is flagged once it has waited `IDLE_CHECKS` whole periods,
+    /// not before, from the connection's first period on and across the counter's wrap.
+    #[test]
+    fn a_wait_on_the_client_is_flagged_after_idle_checks_whole_periods() {
+        for start in [0, u32::MAX - 2] {
+            let activity = Activity::default();
+            activity.period.store(start, Ordering::Relaxed);
+            let since = activity.client_turn();
+            for check in 1..=IDLE_CHECKS {
+                assert!(
+                    !activity.next_period(),
+                    "start {start}: flagged at check {check}"
+                );
+            }
+            assert!(activity.next_period(), "start {start}: not flagged");
+            activity.client_read(since);
+            assert!(
+                !activity.next_period(),
+                "start {start}: flagged after the read"
+            );
+        }
+        // A wait that ends within a period is never flagged, however many there are.
+        let activity = Activity::default();
+        for _ in 0..100 {
+            let since = activity.client_turn();
+            activity.client_read(since);
+            assert!(!activity.next_period());
+        }
     }
 }

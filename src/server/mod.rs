@@ -535,7 +535,11 @@ impl Server {
             if let Some(rejection) = verdict.rejection {
                 request.extensions_mut().insert(rejection);
             }
-            let answered = (Arc::clone(&verdicts), Arc::clone(&service_activity));
+            let http2 = request.version() == http::Version::HTTP_2;
+            let answered = (
+                Arc::clone(&verdicts),
+                http2.then(|| Arc::clone(&service_activity)),
+            );
             // Only a request that asked to switch protocols reports back how it was answered.
             let upgrade = verdict.upgrade.then(|| {
                 (
