@@ -145,11 +145,22 @@ impl Snapshot {
             .iter()
             .flat_map(|p| &p.pools)
             .filter(|old| !config.pools.contains_key(old.name()));
+        // A backend the config lists again (in another pool) is called off its drain by the
+        // caller right after this build, and is shown where it is listed.
+        let listed = |a: SocketAddr| {
+            config
+                .pools
+                .values()
+                .any(|p| p.backends.iter().any(|b| b.address == a))
+        };
         for old in removed {
             let members: Vec<Member> = old
                 .members
                 .iter()
-                .filter(|m| m.state.is_draining() || leaving.contains(&m.spec.address))
+                .filter(|m| {
+                    let address = m.spec.address;
+                    (m.state.is_draining() || leaving.contains(&address)) && !listed(address)
+                })
                 .cloned()
                 .collect();
             if members.is_empty() {

@@ -106,6 +106,22 @@ impl Running {
             .cloned()
     }
 
+    /// The `state` `/status` gives `backend` in pool `pool`, or `"unlisted"`.
+    async fn state_of_in(&self, pool: &str, backend: SocketAddr) -> String {
+        let status = self.status().await;
+        status["pools"]
+            .as_array()
+            .expect("pools is a list")
+            .iter()
+            .filter(|p| p["name"] == pool)
+            .flat_map(|p| p["backends"].as_array().cloned().unwrap_or_default())
+            .find(|b| b["address"] == backend.to_string())
+            .map_or_else(
+                || "unlisted".to_owned(),
+                |b| b["state"].as_str().expect("state is a string").to_owned(),
+            )
+    }
+
     /// The `state` `/status` gives `backend`, or `"unlisted"`.
     async fn state_of(&self, backend: SocketAddr) -> String {
         self.backend_status(backend).await.map_or_else(
@@ -434,6 +450,47 @@ async fn a_backend_of_a_removed_pool_is_visible_until_its_drain_ends() {
             .any(|l| l.contains(series) && l.contains(&other.to_string())),
         "{metrics}"
     );
+}
+
+/// A backend of a removed pool that a later reload lists again, in another pool, is called off
+/// its drain and shown only there: the removed pool goes with that reload.
+#[tokio::test]
+async fn a_removed_pools_backend_listed_again_elsewhere_leaves_the_removed_pool() {
+    let apps = apps(2).await;
+    let (app, other) = (apps[0].addr(), apps[1].addr());
+    let (server, proxy) = proxy(&two_pools(app, other, true)).await;
+    let run = Running {
+        admin: server.admin_addr().unwrap(),
+        server,
+        proxy,
+    };
+    let slow = tokio::spawn(async move { get(proxy, "/sleep/1500", &[]).await });
+    wait_until("the slow request is in flight", || apps[1].in_flight() == 1).await;
+    run.server
+        .reload(config(&two_pools(app, other, false)))
+        .await
+        .expect("reload succeeds");
+    assert_eq!(run.state_of_in("other", other).await, "draining");
+
+    // `other`'s backend joins pool `app`.
+    let both = two_pools(app, other, false).replace(
+        &format!("backends = [{{ address = \"{app}\" }}]"),
+        &format!("backends = [{{ address = \"{app}\" }}, {{ address = \"{other}\" }}]"),
+    );
+    run.server
+        .reload(config(&both))
+        .await
+        .expect("reload succeeds");
+    let status = run.status().await;
+    let names: Vec<&str> = status["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["app"], "{status}");
+    assert_eq!(run.state_of_in("app", other).await, "active");
+    assert_eq!(slow.await.unwrap().status, 200);
 }
 
 #[tokio::test]

@@ -32,12 +32,9 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// The comma-separated tokens of every `Connection` header, trimmed; values that are not visible
 /// ASCII are skipped.
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    tokens(headers.get_all(header::CONNECTION).iter())
-}
-
-/// The comma-separated tokens of `values`, trimmed; values that are not visible ASCII are skipped.
-fn tokens<'v>(values: impl Iterator<Item = &'v HeaderValue>) -> impl Iterator<Item = &'v str> {
-    values
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
@@ -61,27 +58,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
         }
         return;
     }
-    // Headers named by Connection are hop-by-hop too. Only the names present are removed, each
-    // found by a pass over the names: each removal hashes its name, and a plain `Connection:
-    // close` or `keep-alive` (every HTTP/1.0 client, every request of a new-connection-per-request
-    // client) would otherwise pay for eight (about 1,500 instructions, callgrind). Nothing is
-    // collected, so that such a request allocates nothing here: the Connection values are held
-    // apart (a refcount each; the field itself goes in the loop), and names are compared as text
-    // (names in the map are lowercase), since parsing each token into a name would allocate for
-    // every one that is not a standard header, `close` included.
-    let mut connection = headers.get_all(header::CONNECTION).iter();
-    let first = connection.next().cloned();
-    // Repeated Connection fields are rare: only they cost a vector.
-    let more: Vec<HeaderValue> = connection.cloned().collect();
+    // Headers named by Connection are hop-by-hop too. Only the names present are removed: each
+    // removal hashes its name, and a plain `Connection: close` or `keep-alive` (every HTTP/1.0
+    // client, every request of a new-connection-per-request client) would otherwise pay for eight
+    // (about 1,500 instructions, callgrind). Names are compared as text (names in the map are
+    // lowercase): parsing each token into a name would allocate for every one that is not a
+    // standard header, `close` included.
+    if connection_tokens(headers).all(names_nothing_more) {
+        remove_fixed(headers, upgrading);
+    } else {
+        remove_named(headers, upgrading);
+    }
+    if upgrading {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// The hop-by-hop fields of the fixed list and `Upgrade` (unless `upgrading`), each found by a
+/// pass over the names and removed (at most eight passes); allocates nothing, for the usual case.
+fn remove_fixed(headers: &mut HeaderMap, upgrading: bool) {
     let doomed = |name: &HeaderName| {
         if name == header::UPGRADE {
-            return !upgrading;
+            !upgrading
+        } else {
+            HOP_BY_HOP.contains(name)
         }
-        // `Connection: host` must not take away the Host the request was routed by (the
-        // backend would see another vhost, or none).
-        name != header::HOST
-            && (HOP_BY_HOP.contains(name)
-                || tokens(first.iter().chain(&more)).any(|t| t.eq_ignore_ascii_case(name.as_str())))
     };
     let mut framed_by_encoding = false;
     while let Some(name) = headers.keys().find(|&name| doomed(name)).cloned() {
@@ -91,9 +92,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     if framed_by_encoding {
         headers.remove(header::CONTENT_LENGTH);
     }
-    if upgrading {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+}
+
+/// Like [`remove_fixed`], and the fields Connection names besides: each name is checked against
+/// the tokens once.
+fn remove_named(headers: &mut HeaderMap, upgrading: bool) {
+    let named: Vec<&str> = connection_tokens(headers).collect();
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|&name| {
+            if name == header::UPGRADE {
+                return !upgrading;
+            }
+            // `Connection: host` must not take away the Host the request was routed by (the
+            // backend would see another vhost, or none).
+            name != header::HOST
+                && (HOP_BY_HOP.contains(name)
+                    || named.iter().any(|t| t.eq_ignore_ascii_case(name.as_str())))
+        })
+        .cloned()
+        .collect();
+    if doomed.contains(&header::TRANSFER_ENCODING) {
+        doomed.push(header::CONTENT_LENGTH);
     }
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// Whether a Connection token names no field beyond the fixed list and `Upgrade`: `close`,
+/// `keep-alive` and `upgrade`, which are nearly all clients ever send.
+fn names_nothing_more(token: &str) -> bool {
+    ["close", "keep-alive", "upgrade"]
+        .iter()
+        .any(|known| token.eq_ignore_ascii_case(known))
 }
 
 /// Removes `Proxy-Authorization` from a request: the client's credentials are for this proxy
