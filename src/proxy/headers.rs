@@ -64,8 +64,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     // (about 1,500 instructions, callgrind). Names are compared as text (names in the map are
     // lowercase): parsing each token into a name would allocate for every one that is not a
     // standard header, `close` included.
-    if connection_tokens(headers).all(names_nothing_more) {
-        remove_fixed(headers, upgrading);
+    let mut close_named = false;
+    let fixed = connection_tokens(headers).all(|token| {
+        close_named |= token.eq_ignore_ascii_case("close");
+        names_nothing_more(token)
+    });
+    if fixed {
+        remove_fixed(headers, upgrading, close_named);
     } else {
         remove_named(headers, upgrading);
     }
@@ -74,14 +79,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     }
 }
 
-/// The hop-by-hop fields of the fixed list and `Upgrade` (unless `upgrading`), each found by a
-/// pass over the names and removed (at most eight passes); allocates nothing, for the usual case.
-fn remove_fixed(headers: &mut HeaderMap, upgrading: bool) {
+/// The hop-by-hop fields of the fixed list, `Upgrade` (unless `upgrading`) and, with
+/// `close_named`, a field named `close`, each found by a pass over the names and removed (at most
+/// nine passes); allocates nothing, for the usual case.
+fn remove_fixed(headers: &mut HeaderMap, upgrading: bool, close_named: bool) {
     let doomed = |name: &HeaderName| {
         if name == header::UPGRADE {
             !upgrading
         } else {
-            HOP_BY_HOP.contains(name)
+            // `Connection: close` names a field `close` too, should a client send one.
+            HOP_BY_HOP.contains(name) || (close_named && name.as_str() == "close")
         }
     };
     let mut framed_by_encoding = false;
@@ -270,15 +277,12 @@ pub fn check_authority(uri: &http::Uri) -> Result<(), &'static str> {
 fn is_host(value: &[u8]) -> bool {
     let port = match value.first() {
         None => return true,
-        // IP-literal: an address (IPv6, with a `%25` zone, or IPvFuture) in brackets; an empty
-        // one is none.
+        // IP-literal: an address in brackets (see `is_ip_literal`).
         Some(b'[') => {
             let Some(close) = value.iter().position(|&b| b == b']') else {
                 return false;
             };
-            let inside = &value[1..close];
-            let address = |&b: &u8| matches!(b, b':' | b'%') || is_reg_name_byte(b);
-            if inside.is_empty() || !inside.iter().all(address) {
+            if !is_ip_literal(&value[1..close]) {
                 return false;
             }
             match &value[close + 1..] {
@@ -301,6 +305,31 @@ fn is_host(value: &[u8]) -> bool {
         }
     };
     port.iter().all(u8::is_ascii_digit)
+}
+
+/// What brackets may hold (RFC 3986 §3.2.2, RFC 6874): an IPv6 address, with a zone after `%25`,
+/// or an IPvFuture (`v` HEXDIG... `.` then unreserved, sub-delims or `:`).
+fn is_ip_literal(inside: &[u8]) -> bool {
+    if let [b'v' | b'V', rest @ ..] = inside {
+        let Some(dot) = rest.iter().position(|&b| b == b'.') else {
+            return false;
+        };
+        let (version, tail) = (&rest[..dot], &rest[dot + 1..]);
+        return !version.is_empty()
+            && version.iter().all(u8::is_ascii_hexdigit)
+            && !tail.is_empty()
+            && tail.iter().all(|&b| b == b':' || is_reg_name_byte(b));
+    }
+    let (address, zone) = match inside.windows(3).position(|w| w == b"%25") {
+        Some(at) => (&inside[..at], Some(&inside[at + 3..])),
+        None => (inside, None),
+    };
+    let zone_ok = zone.is_none_or(|z| !z.is_empty() && z.iter().all(|&b| is_reg_name_byte(b)));
+    zone_ok
+        && std::str::from_utf8(address)
+            .ok()
+            .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+            .is_some()
 }
 
 /// unreserved / sub-delims (RFC 3986 §2).
@@ -643,9 +672,25 @@ mod tests {
             "a]",
             "[a]b",
             "é.example",
+            "[a.example]",
+            "[a.example]:80",
+            "[1:2:3:4:5:6:7:8:9:0]",
+            "[::1%25]",
+            "[v.x]",
+            "[v1.]",
         ];
         // Brackets hold an address and nothing else: the parser lets these through.
-        let stricter = ["[]", "[::1]x", "a[b]", "[a]b"];
+        let stricter = [
+            "[]",
+            "[::1]x",
+            "a[b]",
+            "[a]b",
+            "[a.example]",
+            "[a.example]:80",
+            "[::1%25]",
+            "[v.x]",
+            "[v1.]",
+        ];
         for case in cases {
             let (scan, parser) = (
                 is_host(case.as_bytes()),
@@ -656,6 +701,23 @@ mod tests {
             } else {
                 assert_eq!(scan, parser, "{case:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_field_named_by_connection_close_goes_with_it() {
+        for (connection, kept) in [
+            ("close", false),
+            ("keep-alive", true),
+            ("Close, x-a", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static(connection));
+            h.insert("close", HeaderValue::from_static("secret"));
+            h.insert("x-a", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.contains_key("close"), kept, "{connection}");
+            assert!(!h.contains_key(header::CONNECTION));
         }
     }
 
