@@ -95,6 +95,14 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         leaving: &[SocketAddr],
     ) -> Self {
+        // A backend the config lists (here or in another pool) is shown where it is listed: a
+        // drain for its removal is called off by the caller right after this build.
+        let listed = |a: SocketAddr| {
+            config
+                .pools
+                .values()
+                .any(|p| p.backends.iter().any(|b| b.address == a))
+        };
         let mut pools: Vec<Pool> = config
             .pools
             .values()
@@ -109,15 +117,13 @@ impl Snapshot {
                     .collect();
                 let active = members.len();
                 if let Some(old) = previous.and_then(|p| p.pool(&pool_config.name)) {
-                    let is_listed =
-                        |a: SocketAddr| pool_config.backends.iter().any(|b| b.address == a);
                     members.extend(
                         old.members
                             .iter()
                             .filter(|m| {
                                 let address = m.spec.address;
                                 (m.state.is_draining() || leaving.contains(&address))
-                                    && !is_listed(address)
+                                    && !listed(address)
                             })
                             .cloned(),
                     );
@@ -145,14 +151,6 @@ impl Snapshot {
             .iter()
             .flat_map(|p| &p.pools)
             .filter(|old| !config.pools.contains_key(old.name()));
-        // A backend the config lists again (in another pool) is called off its drain by the
-        // caller right after this build, and is shown where it is listed.
-        let listed = |a: SocketAddr| {
-            config
-                .pools
-                .values()
-                .any(|p| p.backends.iter().any(|b| b.address == a))
-        };
         for old in removed {
             let members: Vec<Member> = old
                 .members
@@ -350,5 +348,71 @@ pool = "web"
     fn route_without_matchers_matches_everything() {
         let s = snapshot("[[routes]]\npool = \"web\"\n");
         assert_eq!(pool_for(&s, None, "/anything").as_deref(), Some("web"));
+    }
+
+    /// A draining backend is shown in every pool that lists it, and in no other: not in the pool
+    /// it left for another one, whether that pool stays or is removed.
+    #[test]
+    fn a_draining_backend_is_shown_only_where_it_is_listed() {
+        let build = |pools: &str, previous: Option<&Snapshot>, registry: &Registry| {
+            let text = format!("[[listeners]]\nlisten = \"127.0.0.1:0\"\n{pools}");
+            let config = Config::from_str(&text, std::path::Path::new("t.toml")).unwrap();
+            Snapshot::build(Arc::new(config), registry, &Metrics::new(), previous, &[])
+        };
+        let pool = |name: &str, ports: &[u16]| {
+            let backends: Vec<String> = ports
+                .iter()
+                .map(|p| format!("{{ address = \"127.0.0.1:{p}\" }}"))
+                .collect();
+            format!(
+                "[pools.{name}]\nstrategy = \"round_robin\"\nbackends = [{}]\n",
+                backends.join(", ")
+            )
+        };
+        let members = |s: &Snapshot| -> Vec<(String, Vec<u16>)> {
+            s.pools
+                .iter()
+                .map(|p| {
+                    let ports = p.members.iter().map(|m| m.spec.address.port()).collect();
+                    (p.name().to_owned(), ports)
+                })
+                .collect()
+        };
+        let registry = Registry::new();
+        let first = build(
+            &(pool("api", &[9001]) + &pool("web", &[9002, 9003])),
+            None,
+            &registry,
+        );
+        // An operator's drain of 9003 (held open: its `done` never turns).
+        let moved = registry.get("127.0.0.1:9003".parse().unwrap()).unwrap();
+        let (_done, done) = tokio::sync::watch::channel(None);
+        let now = std::time::Instant::now();
+        let drain = crate::backend::Drain {
+            started: now,
+            deadline: now + std::time::Duration::from_secs(30),
+            removed: false,
+            runtime: true,
+            completed_at_start: 0,
+            cut_at_start: 0,
+            upgrades_at_start: 0,
+            upgraded_at_start: 0,
+            done,
+        };
+        moved.begin_drain(false, || drain).unwrap();
+        assert!(moved.is_draining());
+        // 9003 moves from `web` to `api`, still draining: shown in `api` only.
+        let second = build(
+            &(pool("api", &[9001, 9003]) + &pool("web", &[9002])),
+            Some(&first),
+            &registry,
+        );
+        assert_eq!(
+            members(&second),
+            [("api".into(), vec![9001, 9003]), ("web".into(), vec![9002])]
+        );
+        // `web` removed: nothing of it is kept, 9003 being listed in `api`.
+        let third = build(&pool("api", &[9001, 9003]), Some(&second), &registry);
+        assert_eq!(members(&third), [("api".into(), vec![9001, 9003])]);
     }
 }
