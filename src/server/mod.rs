@@ -191,6 +191,9 @@ impl Server {
                 FIRST_ANSWERS_WAIT.as_secs()
             );
         }
+        // A source counts as answered before its membership is applied, which happens under the
+        // reload lock: taking the lock waits for that, so no request finds the pool still empty.
+        drop(server.reload_lock.lock().await);
         server.adopt_listeners(bound);
         server.reconcile_health_checks();
         Ok(server)
