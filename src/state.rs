@@ -103,6 +103,11 @@ impl Snapshot {
                 .values()
                 .any(|p| p.backends.iter().any(|b| b.address == a))
         };
+        // An old member stays while it drains, or is about to, and no pool lists it.
+        let carried = |m: &&Member| {
+            let address = m.spec.address;
+            (m.state.is_draining() || leaving.contains(&address)) && !listed(address)
+        };
         let mut pools: Vec<Pool> = config
             .pools
             .values()
@@ -117,16 +122,7 @@ impl Snapshot {
                     .collect();
                 let active = members.len();
                 if let Some(old) = previous.and_then(|p| p.pool(&pool_config.name)) {
-                    members.extend(
-                        old.members
-                            .iter()
-                            .filter(|m| {
-                                let address = m.spec.address;
-                                (m.state.is_draining() || leaving.contains(&address))
-                                    && !listed(address)
-                            })
-                            .cloned(),
-                    );
+                    members.extend(old.members.iter().filter(carried).cloned());
                 }
                 let strategy = balance::build(pool_config, &members, active);
                 let member_metrics = members
@@ -152,15 +148,7 @@ impl Snapshot {
             .flat_map(|p| &p.pools)
             .filter(|old| !config.pools.contains_key(old.name()));
         for old in removed {
-            let members: Vec<Member> = old
-                .members
-                .iter()
-                .filter(|m| {
-                    let address = m.spec.address;
-                    (m.state.is_draining() || leaving.contains(&address)) && !listed(address)
-                })
-                .cloned()
-                .collect();
+            let members: Vec<Member> = old.members.iter().filter(carried).cloned().collect();
             if members.is_empty() {
                 continue;
             }

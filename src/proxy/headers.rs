@@ -83,16 +83,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
 /// `close_named`, a field named `close`, each found by a pass over the names and removed (at most
 /// nine passes); allocates nothing, for the usual case.
 fn remove_fixed(headers: &mut HeaderMap, upgrading: bool, close_named: bool) {
-    let doomed = |name: &HeaderName| {
-        if name == header::UPGRADE {
-            !upgrading
-        } else {
-            // `Connection: close` names a field `close` too, should a client send one.
-            HOP_BY_HOP.contains(name) || (close_named && name.as_str() == "close")
-        }
-    };
+    // `Connection: close` names a field `close` too, should a client send one.
+    let named = |name: &str| close_named && name == "close";
     let mut framed_by_encoding = false;
-    while let Some(name) = headers.keys().find(|&name| doomed(name)).cloned() {
+    while let Some(name) = headers
+        .keys()
+        .find(|&name| is_doomed(name, upgrading, named))
+        .cloned()
+    {
         framed_by_encoding |= name == header::TRANSFER_ENCODING;
         headers.remove(name);
     }
@@ -104,19 +102,11 @@ fn remove_fixed(headers: &mut HeaderMap, upgrading: bool, close_named: bool) {
 /// Like [`remove_fixed`], and the fields Connection names besides: each name is checked against
 /// the tokens once.
 fn remove_named(headers: &mut HeaderMap, upgrading: bool) {
-    let named: Vec<&str> = connection_tokens(headers).collect();
+    let tokens: Vec<&str> = connection_tokens(headers).collect();
+    let named = |name: &str| tokens.iter().any(|t| t.eq_ignore_ascii_case(name));
     let mut doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|&name| {
-            if name == header::UPGRADE {
-                return !upgrading;
-            }
-            // `Connection: host` must not take away the Host the request was routed by (the
-            // backend would see another vhost, or none).
-            name != header::HOST
-                && (HOP_BY_HOP.contains(name)
-                    || named.iter().any(|t| t.eq_ignore_ascii_case(name.as_str())))
-        })
+        .filter(|&name| is_doomed(name, upgrading, named))
         .cloned()
         .collect();
     if doomed.contains(&header::TRANSFER_ENCODING) {
@@ -125,6 +115,17 @@ fn remove_named(headers: &mut HeaderMap, upgrading: bool) {
     for name in doomed {
         headers.remove(name);
     }
+}
+
+/// Whether field `name` is hop-by-hop: `Upgrade` unless `upgrading`, the fixed list, or a field
+/// Connection names (as `named` says), never `Host`.
+fn is_doomed(name: &HeaderName, upgrading: bool, named: impl Fn(&str) -> bool) -> bool {
+    if name == header::UPGRADE {
+        return !upgrading;
+    }
+    // `Connection: host` must not take away the Host the request was routed by (the backend
+    // would see another vhost, or none).
+    name != header::HOST && (HOP_BY_HOP.contains(name) || named(name.as_str()))
 }
 
 /// Whether a Connection token names no field beyond the fixed list and `Upgrade`: `close`,

@@ -538,11 +538,10 @@ impl Server {
             if let Some(rejection) = verdict.rejection {
                 request.extensions_mut().insert(rejection);
             }
-            let http2 = request.version() == http::Version::HTTP_2;
-            let answered = (
-                Arc::clone(&verdicts),
-                http2.then(|| Arc::clone(&service_activity)),
-            );
+            let answered = Arc::clone(&verdicts);
+            // Only an HTTP/2 response dates its waits on the client (see `framing::Answered`).
+            let dated =
+                (request.version() == http::Version::HTTP_2).then(|| Arc::clone(&service_activity));
             // Only a request that asked to switch protocols reports back how it was answered.
             let upgrade = verdict.upgrade.then(|| {
                 (
@@ -561,8 +560,7 @@ impl Server {
                     verdicts.switched(switched);
                 }
                 drop(waiting);
-                let (verdicts, activity) = answered;
-                Ok::<_, Infallible>(response.map(|body| Answered::new(body, verdicts, activity)))
+                Ok::<_, Infallible>(response.map(|body| Answered::new(body, answered, dated)))
             }
         });
         let serving = Serving::new(io, service, builders, idle_gauge);
